@@ -1,0 +1,127 @@
+"""Uncertainty of the T binary outputs: consistency, ambiguity and GED (paper eqs. 3-7).
+
+All arithmetic is done in floating point: the authors' code subtracts uint8 masks, which wraps
+around (0 - 1 = 255) and inflates every distance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from diffseg.atomic import atomic_path
+from diffseg.imageio import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def _as_stack(masks: np.ndarray, name: str) -> np.ndarray:
+    """Check a (N, H, W) stack of masks and return it as float64."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty (N, H, W) stack, got shape {masks.shape}")
+    return masks.astype(np.float64)
+
+
+def consistency(binary: np.ndarray) -> np.ndarray:
+    """Per-pixel mean of the N binary outputs (eq. 3), float32 (H, W)."""
+    return _as_stack(binary, "binary").mean(axis=0).astype(np.float32)
+
+
+def ambiguity(binary: np.ndarray) -> np.ndarray:
+    """Per-pixel population variance of the N binary outputs (eq. 4), float32 (H, W)."""
+    return _as_stack(binary, "binary").var(axis=0).astype(np.float32)
+
+
+def _pairwise_rms(x: np.ndarray) -> np.ndarray:
+    """(N, N) root-mean-square differences between the rows of x (N, P), from a Gram matrix."""
+    gram = x @ x.T
+    sq_norms = np.diag(gram)
+    sq_dist = sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram
+    return np.sqrt(np.clip(sq_dist, 0.0, None) / x.shape[1])
+
+
+def ged_paper(binary: np.ndarray) -> float:
+    """GED as the paper writes it (eqs. 5-7): (2/N^2) * sum_{i<j} RMS(y_i - y_j).
+
+    For binary masks it is at most sqrt((N-1)/(2N)).
+    """
+    stack = _as_stack(binary, "binary")
+    n = stack.shape[0]
+    dist = _pairwise_rms(stack.reshape(n, -1))
+    return float(2.0 / n**2 * np.triu(dist, k=1).sum())
+
+
+def _iou_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) matrix of 1 - IoU between flattened binary rows; two empty masks -> 0."""
+    inter = a @ b.T
+    union = a.sum(axis=1)[:, None] + b.sum(axis=1)[None, :] - inter
+    iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
+    return 1.0 - iou
+
+
+def ged_kohl(samples: np.ndarray, truth: np.ndarray) -> float:
+    """Generalised energy distance of Kohl et al.: 2E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')], d = 1 - IoU.
+
+    ``truth`` is one mask (H, W) or several annotations (K, H, W). Expectations run over all
+    ordered pairs, the diagonal (i = j, distance 0) included, as in Kohl et al.'s code.
+    """
+    s = _as_stack(samples, "samples")
+    y = np.asarray(truth)
+    y = _as_stack(y[None] if y.ndim == 2 else y, "truth")
+    if s.shape[1:] != y.shape[1:]:
+        raise ValueError(f"ged_kohl: samples are {s.shape[1:]} but truth is {y.shape[1:]}")
+    s, y = s.reshape(len(s), -1) > 0, y.reshape(len(y), -1) > 0
+    s, y = s.astype(np.float64), y.astype(np.float64)
+    cross = _iou_distance(s, y).mean()
+    within_s = _iou_distance(s, s).mean()
+    within_y = _iou_distance(y, y).mean()
+    return float(2.0 * cross - within_s - within_y)
+
+
+def _read_binary(inference_h5: str | os.PathLike) -> tuple[np.ndarray, h5py.Dataset, h5py.File]:
+    """Open inference.h5 and return (ids, binary dataset, open file); the caller closes the file."""
+    f = h5py.File(inference_h5, "r")
+    for key in ("ids", "binary"):
+        if key not in f:
+            f.close()
+            raise InputError(inference_h5, f"missing dataset '{key}' (expected inference.h5 layout)")
+    ids = f["ids"].asstr()[:]
+    binary = f["binary"]
+    if binary.ndim != 4 or binary.shape[0] != len(ids) or len(ids) == 0:
+        f.close()
+        raise InputError(inference_h5, f"'binary' has shape {binary.shape}; expected (N={len(ids)} > 0, T, R, R)")
+    return ids, binary, f
+
+
+def run_uncertainty(inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
+                    out_csv: str | os.PathLike) -> dict:
+    """Consistency, ambiguity and paper GED for every image of inference.h5; writes HDF5 and CSV."""
+    ids, binary, f = _read_binary(inference_h5)
+    with f:
+        n, _, r, _ = binary.shape
+        cons = np.empty((n, r, r), np.float32)
+        amb = np.empty((n, r, r), np.float32)
+        ged = np.empty(n, np.float64)
+        for i in range(n):  # one image at a time: the whole (N, T, R, R) stack may not fit in memory
+            outputs = binary[i]
+            if outputs.max(initial=0) > 1:
+                raise InputError(inference_h5, f"'binary' of image {ids[i]} holds values above 1")
+            cons[i], amb[i], ged[i] = consistency(outputs), ambiguity(outputs), ged_paper(outputs)
+    area = (amb > 0).mean(axis=(1, 2))
+    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
+        out.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
+        out.create_dataset("consistency", data=cons, compression="gzip", chunks=(1, r, r))
+        out.create_dataset("ambiguity", data=amb, compression="gzip", chunks=(1, r, r))
+        out.create_dataset("ged", data=ged)
+        out.attrs["inference"] = str(inference_h5)
+    with atomic_path(out_csv) as tmp:
+        pd.DataFrame({"id": ids, "ged": ged, "ambiguity_area": area}).to_csv(tmp, index=False)
+    summary = {"n_images": int(n), "mean_ged": float(ged.mean()),
+               "mean_ambiguity_area": float(area.mean())}
+    logger.info("uncertainty: %s", summary)
+    return summary
