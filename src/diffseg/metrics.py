@@ -1,0 +1,88 @@
+"""Per-image segmentation metrics (paper eq. 13) with the ISIC 2018 scorer's conventions.
+
+Degenerate cases follow isic-challenge-scoring: Dice and Jaccard are 1 when both masks are empty;
+precision is 1 when the prediction is empty and recall is 1 when the truth is empty (the scorer
+calls these "freebies"). Aggregation is the macro mean over images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffseg.imageio import InputError, read_mask
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("dice", "jaccard", "precision", "recall", "threshold_jaccard")
+ISIC_JACCARD_THRESHOLD = 0.65
+PNG_SUFFIX = "_segmentation.png"
+
+
+def _ratio(num: int, den: int) -> float:
+    """num / den, and 1 when den is 0 (the scorer's convention for an undefined metric)."""
+    return 1.0 if den == 0 else num / den
+
+
+def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Dice, Jaccard, precision, recall and ISIC threshold Jaccard of one predicted mask."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask_metrics: prediction is {pred.shape} but truth is {truth.shape}")
+    tp = int(np.count_nonzero(pred & truth))
+    fp = int(np.count_nonzero(pred & ~truth))
+    fn = int(np.count_nonzero(~pred & truth))
+    jaccard = _ratio(tp, tp + fp + fn)
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "jaccard": jaccard,
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "threshold_jaccard": jaccard if jaccard >= ISIC_JACCARD_THRESHOLD else 0.0,
+    }
+
+
+def aggregate(per_image: pd.DataFrame) -> pd.Series:
+    """Macro means (one value per metric, every image weighted equally) of a per-image table."""
+    columns = [c for c in METRICS if c in per_image.columns]
+    if per_image.empty or not columns:
+        raise ValueError(f"aggregate: need a non-empty table with columns among {METRICS}, "
+                         f"got {len(per_image)} rows and columns {list(per_image.columns)}")
+    return per_image[columns].mean(axis="index").rename("macro_average")
+
+
+def _ids_in(folder: Path) -> dict[str, Path]:
+    """Map image id -> file for every <id>_segmentation.png in a folder."""
+    if not folder.is_dir():
+        raise InputError(folder, "folder not found")
+    return {p.name[: -len(PNG_SUFFIX)]: p for p in sorted(folder.iterdir())
+            if p.name.endswith(PNG_SUFFIX) and not p.name.startswith(".")}
+
+
+def score_png_folder(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike) -> pd.DataFrame:
+    """Score every <id>_segmentation.png of truth_dir against the same name in pred_dir.
+
+    Returns one row per image (id plus the metrics). A missing prediction or a size mismatch is an
+    error naming the file, as in the official scorer.
+    """
+    truths, preds = _ids_in(Path(truth_dir)), _ids_in(Path(pred_dir))
+    if not truths:
+        raise InputError(truth_dir, f"no *{PNG_SUFFIX} ground-truth masks found")
+    rows = []
+    for image_id, truth_file in truths.items():
+        if image_id not in preds:
+            raise InputError(Path(pred_dir) / f"{image_id}{PNG_SUFFIX}", "prediction missing")
+        truth, pred = read_mask(truth_file), read_mask(preds[image_id])
+        if pred.shape != truth.shape:
+            raise InputError(preds[image_id], f"mask is {pred.shape[1]}x{pred.shape[0]} px; "
+                             f"ground truth {truth_file.name} is {truth.shape[1]}x{truth.shape[0]}")
+        rows.append({"id": image_id, **mask_metrics(pred, truth)})
+    extra = sorted(set(preds) - set(truths))
+    if extra:
+        logger.warning("%d predictions in %s have no ground truth and are ignored (e.g. %s)",
+                       len(extra), pred_dir, extra[0])
+    return pd.DataFrame(rows, columns=["id", *METRICS])
