@@ -1,0 +1,323 @@
+"""Noise-difference inference (eq. 2): batching, seeding, sharding, normalisation, inference.h5 layout."""
+
+import sys
+import types
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diffseg
+from diffseg.imageio import InputError
+from diffseg.inference import (
+    binarize,
+    draw_noise,
+    noise_difference,
+    normalise,
+    run_inference,
+    shard_slice,
+)
+from diffseg.schedule import alpha_bars, linear_betas, q_sample
+
+torch.set_num_threads(1)
+
+T_STEPS = 50
+DIFFUSION = {"T": T_STEPS, "beta_start": 1e-4, "beta_end": 0.02}
+RES = 16
+TIMESTEPS = [5, 20, 35]
+
+
+class StandIn(nn.Module):
+    """Tiny eps-predictor with the ConditionalUNet signature: forward(x, t, y)."""
+
+    def __init__(self, num_classes: int = 2, width: int = 8):
+        super().__init__()
+        self.inp = nn.Conv2d(3, width, 3, padding=1)
+        self.label = nn.Embedding(num_classes, width)
+        self.time = nn.Embedding(T_STEPS, width)
+        self.out = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x, t, y):
+        h = self.inp(x) + (self.label(y) + self.time(t))[:, :, None, None]
+        return self.out(torch.tanh(h))
+
+
+def make_model(seed: int = 0) -> StandIn:
+    torch.manual_seed(seed)
+    return StandIn().eval()
+
+
+def alpha_bar() -> torch.Tensor:
+    return torch.as_tensor(alpha_bars(linear_betas(**DIFFUSION)), dtype=torch.float32)
+
+
+def write_dataset(path: Path, n: int = 7, res: int = RES, split: str = "test") -> list[str]:
+    """A dataset.h5 with one split, laid out as docs/ARCHITECTURE.md says."""
+    rng = np.random.default_rng(1)
+    ids = [f"ISIC_{i:07d}" for i in range(n)]
+    with h5py.File(path, "w") as fh:
+        g = fh.create_group(split)
+        g.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        g.create_dataset("images", data=rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8))
+        g.create_dataset("masks", data=np.zeros((n, res, res), dtype=np.uint8))
+        g.create_dataset("orig_size", data=np.full((n, 2), res, dtype=np.int32))
+        fh.attrs["resolution"] = res
+    return ids
+
+
+@pytest.fixture
+def fake_ddpm(monkeypatch, tmp_path):
+    """Replace diffseg.ddpm.load_model by a loader of StandIn checkpoints; returns the checkpoint path."""
+    ckpt = tmp_path / "ddpm.pt"
+    torch.save({"state": make_model().state_dict()}, ckpt)
+    calls = {"n": 0}
+
+    def load_model(checkpoint, device="cpu", use_ema=True):
+        calls["n"] += 1
+        model = StandIn()
+        model.load_state_dict(torch.load(checkpoint)["state"])
+        return model.to(device).eval(), {"diffusion": dict(DIFFUSION), "image_size": RES, "model": {}}
+
+    monkeypatch.setitem(sys.modules, "diffseg.ddpm", types.SimpleNamespace(load_model=load_model))
+    return ckpt
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "dataset.h5"
+    return path, write_dataset(path)
+
+
+def run(dataset_h5, ckpt, out, **kw):
+    kw = {"timesteps": TIMESTEPS, "device": "cpu", **kw}
+    return run_inference(dataset_h5, ckpt, out, **kw)
+
+
+def read_all(path):
+    with h5py.File(path, "r") as fh:
+        return {k: fh[k][()] for k in fh}, dict(fh.attrs)
+
+
+# ----------------------------------------------------------------------------- noise_difference
+
+
+def test_same_label_twice_gives_exactly_zero():
+    images = torch.rand(2, 3, RES, RES) * 2 - 1
+    noise = draw_noise(["a", "b"], 0, 2, (3, RES, RES))
+    diff = noise_difference(make_model(), alpha_bar(), images, TIMESTEPS, noise, labels=(1, 1))
+    assert diff.shape == (2, len(TIMESTEPS), RES, RES) and diff.dtype == torch.float32
+    assert torch.count_nonzero(diff) == 0
+
+
+def test_noise_difference_equals_per_image_per_timestep_reference():
+    """The single batched call must reproduce separate forward passes under c0 and c1 on the same x_t."""
+    model, abar = make_model(), alpha_bar()
+    images = torch.rand(3, 3, RES, RES) * 2 - 1
+    noise = draw_noise(["a", "b", "c"], 4, 2, (3, RES, RES))
+    got = noise_difference(model, abar, images, TIMESTEPS, noise)
+    ref = torch.zeros_like(got)
+    with torch.no_grad():
+        for i in range(3):
+            for j, t in enumerate(TIMESTEPS):
+                for d in range(2):
+                    tt = torch.tensor([t])
+                    x_t = q_sample(images[i : i + 1], tt, noise[i : i + 1, d], abar)
+                    e0, e1 = model(x_t, tt, torch.tensor([0])), model(x_t, tt, torch.tensor([1]))
+                    ref[i, j] += (e0 - e1).abs().mean(dim=1)[0] / 2
+    assert got.abs().max() > 1e-3  # the labels do differ in the stand-in
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_draw_noise_depends_only_on_seed_and_id():
+    both = draw_noise(["x", "y"], 7, 3, (3, 4, 4))
+    assert both.shape == (2, 3, 3, 4, 4)
+    assert torch.equal(both[1], draw_noise(["y"], 7, 3, (3, 4, 4))[0])
+    assert not torch.equal(both[0], draw_noise(["x"], 8, 3, (3, 4, 4))[0])
+    assert not torch.equal(both[0, 0], both[0, 1])  # the draws of one image differ
+
+
+def test_noise_difference_batch_invariant_for_conditional_unet():
+    """Real U-Net: an image's map does not depend on its batch mates (to float rounding)."""
+    from diffseg.unet import ConditionalUNet
+
+    torch.manual_seed(0)
+    model = ConditionalUNet(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                            dropout=0.0, image_size=RES).eval()
+    for p in model.parameters():  # zero-initialised output convs would make every map zero
+        if not p.any():
+            nn.init.normal_(p, std=0.1)
+    images = torch.rand(4, 3, RES, RES) * 2 - 1
+    noise = draw_noise(list("abcd"), 0, 1, (3, RES, RES))
+    together = noise_difference(model, alpha_bar(), images, TIMESTEPS, noise)
+    alone = torch.cat([noise_difference(model, alpha_bar(), images[i : i + 1], TIMESTEPS, noise[i : i + 1])
+                       for i in range(4)])
+    assert together.mean() > 1e-3
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_noise_shape_is_checked():
+    with pytest.raises(ValueError, match="noise must have shape"):
+        noise_difference(make_model(), alpha_bar(), torch.zeros(2, 3, RES, RES), TIMESTEPS,
+                         torch.zeros(2, 3, RES, RES))
+
+
+# ----------------------------------------------------------------------------- normalise, binarize
+
+
+def test_normalise_p99_max_none():
+    maps = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    p99 = np.percentile(np.arange(1000), 99)  # 989.01
+    out = normalise(maps, "p99")
+    assert out.dtype == np.float32 and out.shape == maps.shape
+    assert out.flat[0] == 0 and out.flat[500] == pytest.approx(500 / p99, rel=1e-6)
+    assert out.max() == 1.0 and np.count_nonzero(out == 1.0) == 10  # values 990..999 clip
+    assert normalise(maps, "max").flat[999] == 1.0
+    assert normalise(maps, "max").flat[500] == pytest.approx(500 / 999, rel=1e-6)
+    np.testing.assert_array_equal(normalise(maps, "none"), maps)
+    assert np.count_nonzero(normalise(np.zeros((2, 4, 4)), "p99")) == 0
+    with pytest.raises(ValueError, match="inference.normalise"):
+        normalise(maps, "mean")
+
+
+def test_binarize_fixed_and_otsu():
+    maps = np.array([[[0.2, 0.5], [0.51, 0.9]]], dtype=np.float32)
+    np.testing.assert_array_equal(binarize(maps, 0.5), [[[0, 0], [1, 1]]])
+    assert binarize(maps, 0.5).dtype == np.uint8
+    bimodal = np.full((2, 8, 8), 0.1, dtype=np.float32)
+    bimodal[0, 2:5, 3:6] = 0.8  # map 0: a bright square; map 1: constant -> empty
+    out = binarize(bimodal, "otsu")
+    expected = np.zeros((2, 8, 8), dtype=np.uint8)
+    expected[0, 2:5, 3:6] = 1
+    np.testing.assert_array_equal(out, expected)
+    for bad in (0.0, 1.0, 1.5, "median", True):
+        with pytest.raises(ValueError, match="inference.threshold"):
+            binarize(maps, bad)
+
+
+def test_shard_slice_matches_array_split():
+    for n, k in [(7, 4), (10, 3), (2, 4), (0, 2)]:
+        blocks = np.array_split(np.arange(n), k)
+        for shard in range(k):
+            np.testing.assert_array_equal(np.arange(n)[shard_slice(n, shard, k)], blocks[shard])
+
+
+# ----------------------------------------------------------------------------- run_inference
+
+
+def test_file_layout(fake_ddpm, dataset, tmp_path):
+    path, ids = dataset
+    out = tmp_path / "inference" / "test.h5"
+    summary = run(path, fake_ddpm, out, noise_draws=2, seed=3)
+    assert summary["n_images"] == 7 and summary["device"] == "cpu" and summary["autocast"] == "fp32"
+    with h5py.File(out, "r") as fh:
+        assert set(fh.keys()) == {"ids", "timesteps", "maps", "binary"}
+        assert [s.decode() for s in fh["ids"][()]] == ids
+        assert h5py.check_string_dtype(fh["ids"].dtype).encoding == "utf-8"
+        assert fh["timesteps"].dtype == np.int32 and fh["timesteps"][()].tolist() == TIMESTEPS
+        assert fh["maps"].dtype == np.float16 and fh["maps"].shape == (7, 3, RES, RES)
+        assert fh["binary"].dtype == np.uint8 and fh["binary"].shape == (7, 3, RES, RES)
+        maps, binary = fh["maps"][()].astype(np.float32), fh["binary"][()]
+        assert maps.min() >= 0 and maps.max() == 1.0
+        assert set(np.unique(binary).tolist()) == {0, 1}
+        away = np.abs(maps - 0.5) > 1e-3  # float16 storage may round a value just above 0.5 onto 0.5
+        np.testing.assert_array_equal(binary[away], (maps[away] > 0.5).astype(np.uint8))
+        a = dict(fh.attrs)
+    assert a["checkpoint"] == str(fake_ddpm) and len(a["checkpoint_sha256"]) == 64
+    assert a["threshold"] == 0.5 and a["normalise"] == "p99" and a["noise_draws"] == 2 and a["seed"] == 3
+    assert a["method"] == "paper" and a["T"] == T_STEPS and a["diffseg_version"] == diffseg.__version__
+    # per image, the 99th percentile over all timesteps maps to 1: about 1 % of pixels clip
+    clipped = (maps == 1.0).reshape(7, -1).mean(axis=1)
+    assert np.all(clipped <= 0.02) and np.all(clipped > 0)
+
+
+def test_same_seed_identical_file_and_batch_size_does_not_matter(fake_ddpm, dataset, tmp_path):
+    path, _ = dataset
+    run(path, fake_ddpm, tmp_path / "a.h5", batch_images=16)
+    run(path, fake_ddpm, tmp_path / "b.h5", batch_images=16)
+    run(path, fake_ddpm, tmp_path / "c.h5", batch_images=3)
+    run(path, fake_ddpm, tmp_path / "d.h5", batch_images=16, seed=1)
+    (a, attrs_a), (b, attrs_b), (c, _), (d, _) = (read_all(tmp_path / f"{x}.h5") for x in "abcd")
+    assert attrs_a == attrs_b
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    np.testing.assert_allclose(c["maps"].astype(np.float32), a["maps"].astype(np.float32), atol=1e-3, rtol=0)
+    assert np.mean(c["binary"] != a["binary"]) <= 1e-3
+    assert np.abs(d["maps"].astype(np.float32) - a["maps"].astype(np.float32)).mean() > 0.01  # seed matters
+
+
+def test_shards_concatenate_to_the_single_run(fake_ddpm, dataset, tmp_path):
+    path, ids = dataset
+    run(path, fake_ddpm, tmp_path / "all.h5")
+    whole, _ = read_all(tmp_path / "all.h5")
+    parts = []
+    for k in range(4):
+        run(path, fake_ddpm, tmp_path / f"s{k}.h5", shard=k, n_shards=4, batch_images=2)
+        parts.append(read_all(tmp_path / f"s{k}.h5")[0])
+    assert [len(p["ids"]) for p in parts] == [2, 2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([p["ids"] for p in parts]), whole["ids"])
+    joined = np.concatenate([p["maps"] for p in parts]).astype(np.float32)
+    np.testing.assert_allclose(joined, whole["maps"].astype(np.float32), atol=1e-3, rtol=0)
+    assert np.mean(np.concatenate([p["binary"] for p in parts]) != whole["binary"]) <= 1e-3
+
+
+def test_timestep_out_of_range_names_the_key(fake_ddpm, dataset, tmp_path):
+    path, _ = dataset
+    out = tmp_path / "bad.h5"
+    with pytest.raises(ValueError, match=r"inference\.timesteps \[50\].*T=50"):
+        run(path, fake_ddpm, out, timesteps=[10, T_STEPS])
+    with pytest.raises(ValueError, match=r"inference\.timesteps \[-1\]"):
+        run(path, fake_ddpm, out, timesteps=[-1])
+    assert not out.exists()
+
+
+def test_otsu_threshold_and_max_normalise_run(fake_ddpm, dataset, tmp_path):
+    path, _ = dataset
+    run(path, fake_ddpm, tmp_path / "o.h5", threshold="otsu", normalise="max")
+    data, attrs = read_all(tmp_path / "o.h5")
+    assert attrs["threshold"] == "otsu" and attrs["normalise"] == "max"
+    assert np.all(data["maps"].reshape(7, -1).max(axis=1) == 1.0)
+    assert 0 < data["binary"].mean() < 1
+
+
+def test_no_partial_file_after_error(fake_ddpm, dataset, tmp_path, monkeypatch):
+    path, _ = dataset
+    import diffseg.inference as inf
+
+    calls = {"n": 0}
+    real = inf.noise_difference
+
+    def failing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure in the second batch")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(inf, "noise_difference", failing)
+    out = tmp_path / "out" / "test.h5"
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(path, fake_ddpm, out, batch_images=2)
+    assert calls["n"] == 2 and list(out.parent.iterdir()) == []
+
+
+def test_input_errors_name_the_file(fake_ddpm, dataset, tmp_path):
+    path, _ = dataset
+    with pytest.raises(InputError, match="missing.h5: dataset file not found"):
+        run(tmp_path / "missing.h5", fake_ddpm, tmp_path / "o.h5")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match="garbage.h5: not a readable HDF5 file"):
+        run(garbage, fake_ddpm, tmp_path / "o.h5")
+    with pytest.raises(InputError, match=r"dataset.h5: no split 'val' \(has \['test'\]\)"):
+        run(path, fake_ddpm, tmp_path / "o.h5", split="val")
+    with pytest.raises(InputError, match="nope.pt: checkpoint file not found"):
+        run(path, tmp_path / "nope.pt", tmp_path / "o.h5")
+    small = tmp_path / "small.h5"
+    write_dataset(small, res=8)
+    with pytest.raises(InputError, match="small.h5: images are 8 px but checkpoint .* at 16 px"):
+        run(small, fake_ddpm, tmp_path / "o.h5")
+    with pytest.raises(ValueError, match="shard 4 must lie in"):
+        run(path, fake_ddpm, tmp_path / "o.h5", shard=4, n_shards=4)
+    assert not (tmp_path / "o.h5").exists()
