@@ -1,0 +1,59 @@
+rule evaluate:
+    input:
+        h5=f"{R}/data/dataset.h5",
+        inference=expand(f"{R}/inference/{{split}}.h5", split=["val", EVAL_SPLIT]),
+        uncertainty=f"{R}/uncertainty/{EVAL_SPLIT}.h5",
+        crf=f"{R}/crf/{EVAL_SPLIT}.h5",
+        baselines=expand(f"{R}/baselines/{{baseline}}/{EVAL_SPLIT}.h5", baseline=BASELINES),
+    output:
+        per_image=f"{R}/metrics/{EVAL_SPLIT}.csv",
+        table=report(f"{R}/metrics/table.md", category="Metrics", caption="../report/table.rst"),
+    params:
+        cfg=config["evaluate"],
+        baselines=BASELINES,
+    log:
+        f"{R}/logs/evaluate.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/evaluate.py"
+
+
+rule figures:
+    input:
+        h5=f"{R}/data/dataset.h5",
+        checkpoint=f"{R}/models/ddpm.pt",
+        inference=f"{R}/inference/{EVAL_SPLIT}.h5",
+        uncertainty=f"{R}/uncertainty/{EVAL_SPLIT}.h5",
+        crf=f"{R}/crf/{EVAL_SPLIT}.h5",
+        per_image=f"{R}/metrics/{EVAL_SPLIT}.csv",
+    output:
+        summary=report(f"{R}/figures/summary.png", category="Figures", caption="../report/summary.rst"),
+        cases=report(
+            directory(f"{R}/figures/cases"),
+            patterns=["{name}.png"],
+            category="Figures",
+            caption="../report/cases.rst",
+        ),
+    params:
+        cfg=config["figures"],
+        inference=without("inference", "splits"),
+        split=EVAL_SPLIT,
+    log:
+        f"{R}/logs/figures.log",
+    benchmark:
+        f"{R}/benchmarks/figures.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/figures.py"

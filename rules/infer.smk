@@ -1,0 +1,39 @@
+rule noise_difference:
+    input:
+        h5=f"{R}/data/dataset.h5",
+        checkpoint=f"{R}/models/ddpm.pt",
+    output:
+        shard_file("inference", "{split}", "{shard}"),
+    params:
+        cfg=without("inference", "splits"),
+        n_shards=SHARDS,
+    log:
+        f"{R}/logs/noise_difference/{{split}}_shard-{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/noise_difference/{{split}}_shard-{{shard}}.tsv"
+    threads: 2
+    resources:
+        **GPU_RESOURCES,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/noise_difference.py"
+
+
+rule gather_inference:
+    input:
+        all_shards("inference"),
+    output:
+        f"{R}/inference/{{split}}.h5",
+    log:
+        f"{R}/logs/gather_inference/{{split}}.log",
+    benchmark:
+        f"{R}/benchmarks/gather_inference/{{split}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/gather_shards.py"

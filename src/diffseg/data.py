@@ -1,0 +1,423 @@
+"""Dataset preparation: discover image/mask pairs, validate, resize, split, healthy twins, dataset.h5."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+import diffseg
+from diffseg.atomic import atomic_path
+from diffseg.imageio import IMAGE_SUFFIXES, InputError, read_mask, read_rgb
+from diffseg.inpaint import METHODS, remove_lesion
+from diffseg.seeding import image_seed
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+OFFICIAL = {"train": "Training", "val": "Validation", "test": "Test"}
+DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+Pair = tuple[str, Path, Path]  # (id, image path, mask path)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def discover_pairs(data_dir: str | os.PathLike) -> dict[str, list[Pair]]:
+    """Image/mask pairs per split: ``{split: [(id, image_path, mask_path), ...]}``, sorted by id.
+
+    Official ISIC 2018 layout gives its splits (train/val/test, whichever are present); the
+    generic layout (``images/`` + ``masks/``) gives one pool under ``"train"``, to be split.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(data_dir, "data folder not found")
+    official = {s: data_dir / f"ISIC2018_Task1-2_{name}_Input" for s, name in OFFICIAL.items()}
+    if any(folder.is_dir() for folder in official.values()):
+        pairs = {}
+        for split, image_dir in official.items():
+            if image_dir.is_dir():
+                mask_dir = data_dir / f"ISIC2018_Task1_{OFFICIAL[split]}_GroundTruth"
+                pairs[split] = _match_pairs(image_dir, mask_dir)
+        return pairs
+    image_dir, mask_dir = data_dir / "images", data_dir / "masks"
+    if not image_dir.is_dir():
+        raise InputError(
+            image_dir, "image folder not found (expected ISIC2018_Task1-2_Training_Input/ or images/ + masks/)"
+        )
+    return {"train": _match_pairs(image_dir, mask_dir)}
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by stem; other files (LICENSE.txt, ATTRIBUTION.txt) are ignored."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in files:
+                raise InputError(path, f"two image files share the id {path.stem!r} ({files[path.stem].name})")
+            files[path.stem] = path
+    return files
+
+
+def _match_pairs(image_dir: Path, mask_dir: Path) -> list[Pair]:
+    """Pair every image with ``<id>_segmentation.<ext>`` or ``<id>.<ext>`` in ``mask_dir``."""
+    if not mask_dir.is_dir():
+        raise InputError(mask_dir, f"mask folder not found (needed for the images in {image_dir})")
+    images = _image_files(image_dir)
+    if not images:
+        raise InputError(image_dir, f"no images found (expected {', '.join(IMAGE_SUFFIXES)} files)")
+    masks = {}
+    for stem, path in _image_files(mask_dir).items():
+        image_id = stem[: -len("_segmentation")] if stem.endswith("_segmentation") else stem
+        if image_id in masks:
+            raise InputError(path, f"second mask for image id {image_id!r} ({masks[image_id].name})")
+        masks[image_id] = path
+    for image_id, path in images.items():
+        if image_id not in masks:
+            raise InputError(path, f"image has no mask (expected {image_id}_segmentation.png in {mask_dir})")
+    for image_id, path in masks.items():
+        if image_id not in images:
+            raise InputError(path, f"mask has no image (expected {image_id}.jpg or .png in {image_dir})")
+    return [(image_id, images[image_id], masks[image_id]) for image_id in sorted(images)]
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def check_fractions(split_fractions: dict[str, float]) -> dict[str, float]:
+    """Fractions for train/val/test, each in [0, 1], summing to 1 within 1e-6 (else ValueError)."""
+    unknown = set(split_fractions) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"prepare.split_fractions: unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
+    fractions = {s: float(split_fractions.get(s, 0.0)) for s in SPLITS}
+    bad = {s: f for s, f in fractions.items() if not 0.0 <= f <= 1.0}
+    if bad:
+        raise ValueError(f"prepare.split_fractions: each fraction must be in [0, 1], got {bad}")
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"prepare.split_fractions must sum to 1, got {sum(fractions.values())} ({fractions})")
+    return fractions
+
+
+def split_pool(ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Seeded split of ``ids``: ``{id: split}``; counts are the rounded fractions (test takes the rest)."""
+    order = sorted(ids)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_train = round(fractions["train"] * len(order))
+    n_val = min(round(fractions["val"] * len(order)), len(order) - n_train)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(order))}
+    return {order[i]: split for split, (lo, hi) in bounds.items() for i in perm[lo:hi]}
+
+
+def read_split_csv(path: str | os.PathLike) -> dict[str, str]:
+    """``{id: split}`` from a split table (columns ``id, split``)."""
+    with open(path, newline="") as fh:
+        return {row["id"]: row["split"] for row in csv.DictReader(fh)}
+
+
+def _write_split_csv(path: str | os.PathLike, assignment: dict[str, list[str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "split"])
+        for split in SPLITS:
+            writer.writerows([image_id, split] for image_id in assignment.get(split, []))
+
+
+# ----------------------------------------------------------------------------- per-file work
+
+
+def load_pair(image_path: Path, mask_path: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Read and validate one pair, resize to ``resolution``; (image uint8, mask bool, orig (H, W))."""
+    image = read_rgb(image_path)
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise InputError(
+            mask_path,
+            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+            f"{image.shape[1]}x{image.shape[0]} ({image_path.name}) (width x height)",
+        )
+    return resize_image(image, resolution), resize_mask(mask, resolution), image.shape[:2]
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Anti-aliased bicubic resize to a square (PIL filters scale their support with the reduction)."""
+    return np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BICUBIC))
+
+
+def resize_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """Area-aware bilinear resize of the 0/1 mask, thresholded at 0.5 so it stays binary."""
+    small = Image.fromarray(mask.astype(np.float32))  # float32 -> mode "F"
+    return np.asarray(small.resize((resolution, resolution), Image.Resampling.BILINEAR)) >= 0.5
+
+
+def _load_chunk(pairs: list[Pair], resolution: int) -> list[tuple]:
+    """Worker: ``("ok", id, image, mask, orig)`` or ``("bad", file, problem)`` per pair, in order.
+
+    Errors are returned, not raised: InputError does not survive pickling between processes.
+    """
+    results = []
+    for image_id, image_path, mask_path in pairs:
+        try:
+            results.append(("ok", image_id, *load_pair(image_path, mask_path, resolution)))
+        except InputError as err:
+            results.append(("bad", err.path, err.problem))
+    return results
+
+
+def _twin_chunk(items: list[tuple[np.ndarray, np.ndarray, int]], dilate_px: int, method: str) -> list:
+    """Worker: healthy twin (or None) for each (image, mask, seed)."""
+    return [remove_lesion(img, mask, dilate_px=dilate_px, method=method, seed=seed) for img, mask, seed in items]
+
+
+def _parallel(worker, items: list, threads: int, desc: str, **kwargs) -> list:
+    """Run ``worker(chunk, **kwargs)`` over chunks of ``items``; results flattened in input order."""
+    if not items:
+        return []
+    n_chunks = 1 if threads <= 1 else min(len(items), threads * 8)
+    size = math.ceil(len(items) / n_chunks)
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    bar = tqdm(total=len(items), desc=desc, mininterval=5, unit="img")
+    out: list = []
+    try:
+        if threads <= 1:
+            for chunk in chunks:
+                out.extend(worker(chunk, **kwargs))
+                bar.update(len(chunk))
+            return out
+        with ProcessPoolExecutor(max_workers=threads) as pool:
+            futures = [pool.submit(worker, chunk, **kwargs) for chunk in chunks]
+            for chunk, future in zip(chunks, futures):
+                out.extend(future.result())
+                bar.update(len(chunk))
+        return out
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare_dataset(
+    data_dir: str | os.PathLike,
+    out_h5: str | os.PathLike,
+    split_csv: str | os.PathLike,
+    preview_png: str | os.PathLike | None = None,
+    *,
+    resolution: int = 128,
+    dilate_px: int = 3,
+    inpaint: str = "biharmonic",
+    split_fractions: dict[str, float] = DEFAULT_FRACTIONS,
+    split_seed: int = 0,
+    on_bad_file: str = "error",
+    preview_n: int = 4,
+    threads: int = 1,
+) -> dict:
+    """Build ``dataset.h5`` (layout in docs/ARCHITECTURE.md), the split table and a preview figure.
+
+    Every pair is read, validated and resized before anything heavy or anything is written.
+    Non-square originals are squashed to ``resolution x resolution`` (``orig_size`` keeps (H, W)).
+    Official ISIC split folders are used when Validation or Test is present; otherwise the
+    (training) pool is split with ``split_fractions`` and ``split_seed``. Healthy twins are made
+    for the train split only. ``on_bad_file="skip"`` skips files that fail validation, logs them
+    and lists them in the ``skipped`` attribute; ``"error"`` raises the first failure.
+    Returns a summary dict (counts per split, skipped files, images without a twin, seconds).
+    """
+    started = time.perf_counter()
+    _check_options(resolution, dilate_px, inpaint, on_bad_file, threads)
+    discovered = discover_pairs(data_dir)
+    split_of = _assign_splits(discovered, split_fractions, split_seed)
+    pairs = [pair for split in SPLITS for pair in discovered.get(split, [])]
+    logger.info("found %d image/mask pairs in %s", len(pairs), data_dir)
+
+    loaded, skipped = _load_all(pairs, resolution, on_bad_file, threads)
+    if not loaded:
+        raise InputError(data_dir, f"no valid image/mask pair left ({len(skipped)} skipped)")
+    groups = _group_by_split(loaded, split_of)
+    _add_healthy_twins(groups.get("train"), dilate_px, inpaint, split_seed, threads)
+
+    attrs = {
+        "source": str(Path(data_dir).resolve()),
+        "resolution": resolution,
+        "dilate_px": dilate_px,
+        "inpaint": inpaint,
+        "split_seed": split_seed,
+        "split_fractions": json.dumps(dict(split_fractions)),
+        "diffseg_version": diffseg.__version__,
+        "skipped": json.dumps(skipped),
+    }
+    _write_h5(out_h5, groups, attrs)
+    _write_split_csv(split_csv, {s: g["ids"] for s, g in groups.items()})
+    if preview_png is not None:
+        write_preview(preview_png, groups.get("train", next(iter(groups.values()))), preview_n)
+    summary = {
+        "counts": {s: len(g["ids"]) for s, g in groups.items()},
+        "skipped": skipped,
+        "no_healthy": [i for i, ok in zip(groups["train"]["ids"], groups["train"]["has_healthy"]) if not ok]
+        if "train" in groups
+        else [],
+        "seconds": time.perf_counter() - started,
+    }
+    logger.info("dataset written to %s: %s, %d skipped", out_h5, summary["counts"], len(skipped))
+    return summary
+
+
+def _check_options(resolution: int, dilate_px: int, inpaint: str, on_bad_file: str, threads: int) -> None:
+    if not (isinstance(resolution, int) and resolution >= 8):
+        raise ValueError(f"prepare.resolution must be an integer >= 8, got {resolution!r}")
+    if dilate_px < 0:
+        raise ValueError(f"prepare.dilate_px must be >= 0, got {dilate_px!r}")
+    if inpaint not in METHODS:
+        raise ValueError(f"prepare.inpaint: unknown method {inpaint!r}; choose one of {', '.join(METHODS)}")
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"prepare.on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    if threads < 1:
+        raise ValueError(f"prepare.threads must be >= 1, got {threads!r}")
+
+
+def _assign_splits(discovered: dict[str, list[Pair]], split_fractions: dict, seed: int) -> dict[str, str]:
+    """``{id: split}``: official folders when val or test exist, else a seeded split of the pool."""
+    if set(discovered) != {"train"}:
+        logger.info("using the official split folders: %s", ", ".join(discovered))
+        split_of: dict[str, str] = {}
+        for split, pairs in discovered.items():
+            for image_id, image_path, _ in pairs:
+                if image_id in split_of:
+                    raise InputError(image_path, f"image id {image_id!r} is also in the {split_of[image_id]} split")
+                split_of[image_id] = split
+        return split_of
+    fractions = check_fractions(split_fractions)
+    split_of = split_pool([image_id for image_id, _, _ in discovered["train"]], fractions, seed)
+    for split in SPLITS:
+        if fractions[split] > 0 and split not in split_of.values():
+            logger.warning("split %r is empty: %d images are too few for fraction %g", split, len(split_of), fractions[split])
+    return split_of
+
+
+def _load_all(pairs: list[Pair], resolution: int, on_bad_file: str, threads: int) -> tuple[list, list]:
+    """Loaded pairs ``(id, image, mask, orig)`` and skipped files ``[file, reason]``."""
+    results = _parallel(_load_chunk, pairs, threads, "read+resize", resolution=resolution)
+    loaded = [r[1:] for r in results if r[0] == "ok"]
+    skipped = [[str(r[1]), r[2]] for r in results if r[0] == "bad"]
+    if skipped and on_bad_file == "error":
+        raise InputError(*skipped[0])
+    for file, reason in skipped:
+        logger.warning("skipping %s: %s", file, reason)
+    return loaded, skipped
+
+
+def _group_by_split(loaded: list, split_of: dict[str, str]) -> dict[str, dict]:
+    """Stack the loaded arrays per split (only splits that have images)."""
+    groups = {}
+    for split in SPLITS:
+        rows = [row for row in loaded if split_of[row[0]] == split]
+        if rows:
+            groups[split] = {
+                "ids": [r[0] for r in rows],
+                "images": np.stack([r[1] for r in rows]),
+                "masks": np.stack([r[2] for r in rows]),
+                "orig_size": np.array([r[3] for r in rows], dtype=np.int32),
+            }
+    return groups
+
+
+def _add_healthy_twins(group: dict | None, dilate_px: int, method: str, seed: int, threads: int) -> None:
+    """Add ``healthy`` and ``has_healthy`` to the train group (twin = the image where no skin is left)."""
+    if group is None:
+        return
+    items = [(img, mask, image_seed(seed, i)) for i, img, mask in zip(group["ids"], group["images"], group["masks"])]
+    twins = _parallel(_twin_chunk, items, threads, f"healthy twins ({method})", dilate_px=dilate_px, method=method)
+    for image_id, twin in zip(group["ids"], twins):
+        if twin is None:
+            logger.warning("%s: no healthy twin, the dilated lesion leaves no skin to inpaint from", image_id)
+    group["has_healthy"] = np.array([t is not None for t in twins], dtype=bool)
+    group["healthy"] = np.stack([img if t is None else t for img, t in zip(group["images"], twins)])
+
+
+def _write_h5(out_h5: str | os.PathLike, groups: dict[str, dict], attrs: dict) -> None:
+    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs.update(attrs)
+        for split, group in groups.items():
+            g = h5.create_group(split)
+            g.create_dataset("ids", data=np.array(group["ids"], dtype=object), dtype=h5py.string_dtype("utf-8"))
+            g.create_dataset("orig_size", data=group["orig_size"].astype(np.int32))
+            _image_dataset(g, "images", group["images"])
+            _image_dataset(g, "masks", group["masks"].astype(np.uint8))
+            if "healthy" in group:
+                _image_dataset(g, "healthy", group["healthy"])
+                g.create_dataset("has_healthy", data=group["has_healthy"].astype(bool))
+
+
+def _image_dataset(group: h5py.Group, name: str, data: np.ndarray) -> None:
+    """One image per chunk, gzip level 4."""
+    group.create_dataset(name, data=data, chunks=(1, *data.shape[1:]), compression="gzip", compression_opts=4)
+
+
+def write_preview(preview_png: str | os.PathLike, group: dict, preview_n: int = 4) -> None:
+    """Figure with rows image | mask | healthy twin for the first ``preview_n`` ids, written atomically.
+
+    Meant for the train group; for a group without twins (or an image without one) the third
+    column repeats the image, titled as such.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, min(preview_n, len(group["ids"])))
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for row in range(n):
+        has_twin = "healthy" in group and group["has_healthy"][row]
+        twin = group["healthy"][row] if has_twin else group["images"][row]
+        titles = ("image", "mask", "healthy twin" if has_twin else "no twin (image)")
+        for ax, panel, title in zip(axes[row], (group["images"][row], group["masks"][row], twin), titles):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None)
+            ax.set_title(f"{group['ids'][row]} {title}" if title == "image" else title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    try:
+        with atomic_path(preview_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def load_split(h5_path: str | os.PathLike, split: str) -> dict:
+    """One split of ``dataset.h5``: ids, images (N,R,R,3) uint8, masks (N,R,R) bool, orig_size (N,2),
+    and healthy / has_healthy when present."""
+    path = Path(h5_path)
+    if not path.is_file():
+        raise InputError(path, "dataset file not found")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(path, f"not a readable HDF5 file ({err})") from err
+    with h5:
+        if split not in h5:
+            raise InputError(path, f"no group {split!r} in the dataset file (groups: {sorted(h5.keys())})")
+        group = h5[split]
+        missing = [k for k in ("ids", "images", "masks", "orig_size") if k not in group]
+        if missing:
+            raise InputError(path, f"group {split!r} lacks dataset(s) {missing}: not a diffseg dataset file")
+        out = {
+            "ids": [s.decode() if isinstance(s, bytes) else str(s) for s in group["ids"][()]],
+            "images": group["images"][()],
+            "masks": group["masks"][()].astype(bool),
+            "orig_size": group["orig_size"][()],
+        }
+        if "healthy" in group:
+            out["healthy"] = group["healthy"][()]
+            out["has_healthy"] = group["has_healthy"][()].astype(bool)
+    return out

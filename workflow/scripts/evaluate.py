@@ -1,0 +1,14 @@
+from diffseg.evaluate import run_evaluate
+from diffseg.logs import log_to
+
+with log_to(snakemake.log[0]):
+    run_evaluate(
+        snakemake.input.h5,
+        snakemake.input.inference,
+        snakemake.input.uncertainty,
+        snakemake.input.crf,
+        dict(zip(snakemake.params.baselines, snakemake.input.baselines)),
+        snakemake.output.per_image,
+        snakemake.output.table,
+        **snakemake.params.cfg,
+    )

@@ -1,0 +1,17 @@
+from diffseg.figures import run_figures
+from diffseg.logs import log_to
+
+with log_to(snakemake.log[0]):
+    run_figures(
+        snakemake.input.h5,
+        snakemake.input.checkpoint,
+        snakemake.input.inference,
+        snakemake.input.uncertainty,
+        snakemake.input.crf,
+        snakemake.input.per_image,
+        snakemake.output.summary,
+        snakemake.output.cases,
+        split=snakemake.params.split,
+        inference=snakemake.params.inference,
+        **snakemake.params.cfg,
+    )

@@ -1,0 +1,13 @@
+from diffseg.inference import run_inference
+from diffseg.logs import log_to
+
+with log_to(snakemake.log[0]):
+    run_inference(
+        snakemake.input.h5,
+        snakemake.input.checkpoint,
+        snakemake.output[0],
+        split=snakemake.wildcards.split,
+        shard=int(snakemake.wildcards.shard),
+        n_shards=snakemake.params.n_shards,
+        **snakemake.params.cfg,
+    )

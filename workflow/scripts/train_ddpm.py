@@ -1,0 +1,14 @@
+from diffseg.ddpm import train_ddpm
+from diffseg.logs import log_to
+
+with log_to(snakemake.log[0]):
+    train_ddpm(
+        snakemake.input.h5,
+        snakemake.output.checkpoint,
+        snakemake.output.log_csv,
+        snakemake.output.loss_png,
+        model=snakemake.params.model,
+        diffusion=snakemake.params.diffusion,
+        augment=snakemake.params.augment,
+        train=snakemake.params.train,
+    )
