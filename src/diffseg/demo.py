@@ -77,7 +77,7 @@ def render_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     """One synthetic dermoscopy image (uint8 HxWx3) and its exact lesion mask (bool HxW)."""
     scale = size / 128.0  # pixel-sized features (hair width, dots) follow the resolution
     mask = _lesion_mask(rng, size)
-    _, alpha, depth = _lesion_geometry(rng, mask, scale)
+    alpha, depth = _lesion_geometry(rng, mask, scale)
     skin_rgb, skin_density = _skin(rng, size, scale)
     lesion_density, whitening = _lesion_pigment(rng, mask, alpha, depth, scale)
     rgb = skin_rgb * np.exp(-(skin_density + lesion_density))
@@ -168,14 +168,14 @@ def _lesion_centre(rng: np.random.Generator) -> tuple[float, float]:
 
 
 def _lesion_geometry(rng: np.random.Generator, mask: np.ndarray, scale: float):
-    """Signed distance to the mask border, soft colour alpha (a few px blend) and interior depth."""
+    """Soft colour alpha (a few px blend across the exact border) and interior depth in [0, 1]."""
     inside = ndimage.distance_transform_edt(mask) - 0.5
     outside = ndimage.distance_transform_edt(~mask) - 0.5
     signed = np.where(mask, inside, -outside)
     blend = rng.uniform(2.0, 6.0) * scale
     alpha = np.clip(0.5 + signed / blend, 0.0, 1.0)
     depth = np.clip(signed / max(signed.max(), 1.0), 0.0, 1.0)
-    return signed, alpha, depth
+    return alpha, depth
 
 
 # ---------------------------------------------------------------- colour
