@@ -1,0 +1,98 @@
+"""The workflow as users drive it: lint, dry runs, config errors, a tiny real run and its reruns."""
+
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ISIC_256
+from workflow_helpers import REPO, snakemake, workflow_copy
+
+CHAIN = ["prepare_dataset", "train_ddpm", "noise_difference", "gather_inference", "uncertainty",
+         "gather_uncertainty", "crf_fusion", "gather_crf", "export_masks", "train_baseline",
+         "predict_baseline", "evaluate", "figures"]
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    table = output.split("Job stats:")[1].split("Reasons:")[0] if "Reasons:" in output else output.split("Job stats:")[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def test_lint_passes():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Congratulations" in run.stdout + run.stderr
+
+
+def test_dry_run_plans_the_full_chain_on_demo_data(tmp_path):
+    wf = workflow_copy(tmp_path)
+    run = snakemake(wf, "-n", configfile="config/config.yaml")
+    assert run.returncode == 0, run.stderr
+    jobs = planned_jobs(run.stdout)
+    for rule in ["make_demo_data", *CHAIN]:
+        assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
+    assert jobs["noise_difference"] == 2  # val (calibration) and test
+    assert jobs["train_baseline"] == 2 and jobs["predict_baseline"] == 3
+
+
+@pytest.mark.skipif(not ISIC_256.is_dir(), reason="shared ISIC data absent")
+def test_dry_run_plans_the_full_chain_on_isic(tmp_path):
+    wf = workflow_copy(tmp_path)
+    (wf / "isic.yaml").write_text(yaml.safe_dump({"data_dir": str(ISIC_256)}))
+    run = snakemake(wf, "-n", "--configfile", "config/isic2018.yaml", "isic.yaml", configfile="config/config.yaml")
+    assert run.returncode == 0, run.stderr
+    jobs = planned_jobs(run.stdout)
+    assert "make_demo_data" not in jobs
+    for rule in CHAIN:
+        assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
+
+
+@pytest.mark.parametrize(
+    "bad, key, allowed",
+    [
+        ({"train": {"steps": -1}}, "['train']['steps']", "minimum of 1"),
+        ({"inference": {"timesteps": [60, 1000]}}, "inference.timesteps = 1000", "[0, 1000)"),
+        ({"data_dir": "/no/such/folder"}, "data_dir = '/no/such/folder'", "an existing folder"),
+        ({"crf": {"subset_size": 11}}, "crf.subset_size = 11", "1 to len(inference.timesteps) = 3"),
+        ({"prepare": {"inpaint": "magic"}}, "['prepare']['inpaint']", "is not one of"),
+        ({"prepare": {"split_fractions": {"train": 0.5, "val": 0.1, "test": 0.1}}}, "prepare.split_fractions",
+         "sum to 1"),
+        ({"shards": 0}, "['shards']", "minimum of 1"),
+        ({"no_such_key": 1}, "no_such_key", "Additional properties are not allowed"),
+    ],
+)
+def test_invalid_config_fails_before_any_rule_runs(tmp_path, bad, key, allowed):
+    wf = workflow_copy(tmp_path)
+    (wf / "bad.yaml").write_text(yaml.safe_dump(bad))
+    run = snakemake(wf, "--configfile", "test.yaml", "bad.yaml", configfile="test.yaml")
+    assert run.returncode != 0
+    message = run.stdout + run.stderr
+    assert key in message and allowed in message, message
+    assert not (wf / "results").exists(), "a rule ran before the config was rejected"
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_and_after(tmp_path):
+    wf = workflow_copy(tmp_path)
+    run = snakemake(wf)
+    assert run.returncode == 0, run.stderr[-5000:]
+    table = (wf / "results/metrics/table.md").read_text()
+    assert "CRF fusion" in table and "otsu" in table.lower()
+    per_image = pd.read_csv(wf / "results/metrics/test.csv")
+    assert len(per_image) > 0 and per_image["dice"].between(0, 1).all()
+
+    again = snakemake(wf, "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    config = yaml.safe_load((wf / "test.yaml").read_text())
+    config["crf"]["iterations"] = 3
+    (wf / "test.yaml").write_text(yaml.safe_dump(config))
+    plan = snakemake(wf, "-n")
+    assert plan.returncode == 0, plan.stderr
+    assert set(planned_jobs(plan.stdout)) == {"crf_fusion", "gather_crf", "export_masks", "evaluate", "figures", "all"}
