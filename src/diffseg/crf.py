@@ -149,8 +149,9 @@ def _fuse_chunk(job: tuple, *, dataset_h5, inference_h5, split, png_dir, seed, f
             fused.append(mask)
             rounds.append(per_round)
     rounds = np.stack(rounds)
-    write_original_size_pngs(ids, rounds.mean(axis=1), orig_sizes, png_dir,
-                             threshold=fusion_kwargs["threshold"])
+    if png_dir is not None:
+        write_original_size_pngs(ids, rounds.mean(axis=1), orig_sizes, png_dir,
+                                 threshold=fusion_kwargs["threshold"])
     return np.stack(fused).astype(np.uint8), rounds
 
 
@@ -165,17 +166,22 @@ def _run_jobs(task, jobs: list[tuple], threads: int):
     if threads == 1:
         yield from map(task, jobs)
         return
-    # spawn: the parent has torch loaded (diffseg.seeding), and forking an OpenMP runtime can hang
-    with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # fork, not spawn: spawn re-imports the caller's __main__, and Snakemake scripts have no
+    # __main__ guard. Forking is safe here: the workers only run numpy, h5py and pydensecrf (no
+    # torch/OpenMP), and the parent holds no open HDF5 file.
+    with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("fork")) as pool:
         yield from pool.map(task, jobs)
 
 
 def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
-            png_dir: str | os.PathLike, *, split: str = "test", threads: int = 1, rounds: int = 3,
+            png_dir: str | os.PathLike | None, *, split: str = "test", threads: int = 1, rounds: int = 3,
             subset_size: int = 4, iterations: int = 5, gaussian_sxy: float = 3,
             gaussian_compat: float = 3, bilateral_sxy: float = 80, bilateral_srgb: float = 13,
             bilateral_compat: float = 10, seed: int = 0, threshold: float = 0.5) -> dict:
-    """CRF fusion of every image in inference.h5; writes crf/{split}.h5 and original-size PNG masks."""
+    """CRF fusion of every image in inference.h5; writes crf/{split}.h5 and original-size PNG masks.
+
+    With ``png_dir=None`` no PNG is written (the workflow exports them after gathering shards).
+    """
     if threads < 1:
         raise ValueError(f"crf.threads = {threads} must be at least 1")
     ids, (n, n_maps, res, _) = _read_inference(inference_h5)
@@ -186,7 +192,7 @@ def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_
                          bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
                          bilateral_compat=bilateral_compat)
     task = partial(_fuse_chunk, dataset_h5=str(dataset_h5), inference_h5=str(inference_h5), split=split,
-                   png_dir=str(png_dir), seed=seed, fusion_kwargs=fusion_kwargs)
+                   png_dir=None if png_dir is None else str(png_dir), seed=seed, fusion_kwargs=fusion_kwargs)
     fused = np.empty((n, res, res), np.uint8)
     per_round = np.empty((n, rounds, res, res), np.uint8)
     jobs = _jobs(n, threads, rows, orig_sizes)
