@@ -1,0 +1,184 @@
+"""DDPM training of the class-conditional U-Net on lesion images (label 1) and their healthy twins (label 0)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffseg.atomic import atomic_path
+from diffseg.augment import PairedAugment
+from diffseg.data import load_split
+from diffseg.imageio import InputError
+from diffseg.schedule import alpha_bars, linear_betas, q_sample
+from diffseg.train import CheckpointError, Trainer, device_generator, load_checkpoint, resolve_device
+from diffseg.unet import ConditionalUNet, count_parameters
+
+logger = logging.getLogger(__name__)
+
+MODEL_DEFAULTS = dict(base_channels=64, channel_mult=[1, 2, 2, 3], num_res_blocks=2, attention_resolutions=[16],
+                      num_heads=4, dropout=0.1, class_dropout=0.0, padding="zeros")
+DIFFUSION_DEFAULTS = dict(T=1000, beta_start=1e-4, beta_end=0.02)
+TRAIN_DEFAULTS = dict(steps=20000, batch_size=64, lr=2e-4, warmup_steps=500, weight_decay=0.0, ema_decay=0.999,
+                      grad_clip=1.0, checkpoint_every=500, log_every=50, seed=0, precision="auto", compile=False,
+                      channels_last=True, device="auto")
+LESION, HEALTHY = 1, 0
+
+
+def with_defaults(section: str, given: dict | None, defaults: dict) -> dict:
+    """The config section completed with defaults; unknown keys are an error naming section.key."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown key(s) in config section {section!r}: {', '.join(unknown)}")
+    return {**defaults, **given}
+
+
+def build_model(model_cfg: dict, image_size: int) -> ConditionalUNet:
+    """ConditionalUNet from the `model` config section (2 classes: healthy, lesion; + null when class_dropout > 0)."""
+    cfg = with_defaults("model", model_cfg, MODEL_DEFAULTS)
+    return ConditionalUNet(
+        in_channels=3, num_classes=2, image_size=int(image_size),
+        base_channels=cfg["base_channels"], channel_mult=tuple(cfg["channel_mult"]),
+        num_res_blocks=cfg["num_res_blocks"], attention_resolutions=tuple(cfg["attention_resolutions"]),
+        num_heads=cfg["num_heads"], dropout=cfg["dropout"], class_dropout=cfg["class_dropout"], padding=cfg["padding"],
+    )
+
+
+def epsilon_loss(model, x0: torch.Tensor, y: torch.Tensor, alpha_bar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Paper eq. 1: || eps_theta(sqrt(a_t) x0 + sqrt(1-a_t) eps, y, t) - eps ||^2, t ~ U{0..T-1}."""
+    gen = device_generator(generator, x0.device)
+    t = torch.randint(0, alpha_bar.shape[0], (x0.shape[0],), generator=gen, device=x0.device)
+    noise = torch.empty_like(x0).normal_(generator=gen)  # keeps x0's memory format (channels_last)
+    x_t = q_sample(x0, t, noise, alpha_bar)
+    return F.mse_loss(model(x_t, t, y).float(), noise.float())
+
+
+class PairSampler:
+    """Batches of B/2 lesion images and their healthy twins, held on the device as uint8."""
+
+    def __init__(self, lesion: np.ndarray, healthy: np.ndarray, batch_size: int, augment: PairedAugment | None,
+                 class_dropout: float = 0.0, null_label: int | None = None):
+        if batch_size % 2:
+            raise ValueError(f"train.batch_size must be even (half lesion images, half twins), got {batch_size}")
+        self.lesion = torch.from_numpy(np.ascontiguousarray(lesion)).permute(0, 3, 1, 2)  # (N, 3, R, R) uint8
+        self.healthy = torch.from_numpy(np.ascontiguousarray(healthy)).permute(0, 3, 1, 2)
+        self.half = batch_size // 2
+        self.augment, self.class_dropout, self.null_label = augment, class_dropout, null_label
+        self.memory_format = torch.contiguous_format
+
+    def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> "PairSampler":
+        self.lesion, self.healthy = self.lesion.to(device), self.healthy.to(device)
+        self.memory_format = memory_format
+        return self
+
+    def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.lesion.shape[0], (self.half,), generator=generator).to(self.lesion.device)
+        lesion, healthy = (to_unit_range(a.index_select(0, idx)) for a in (self.lesion, self.healthy))
+        if self.augment is not None:
+            lesion, healthy = self.augment(lesion, generator, healthy)
+        x0 = torch.cat([lesion, healthy]).contiguous(memory_format=self.memory_format)
+        y = torch.tensor([LESION] * self.half + [HEALTHY] * self.half)
+        if self.class_dropout > 0:
+            dropped = torch.rand(y.shape[0], generator=generator) < self.class_dropout
+            y = torch.where(dropped, torch.full_like(y, self.null_label), y)
+        return x0, y.to(x0.device)
+
+
+def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def load_pairs(dataset_h5: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion images and healthy twins of the train split, rows without a twin left out."""
+    split = load_split(dataset_h5, "train")
+    if "healthy" not in split:
+        raise InputError(dataset_h5, "train split has no 'healthy' twins: rerun prepare_dataset")
+    keep = np.asarray(split["has_healthy"], dtype=bool)
+    if not keep.any():
+        raise InputError(dataset_h5, "no train image has a healthy twin (has_healthy is all false)")
+    logger.info("%s: %d train pairs (%d images without a twin left out)", dataset_h5, keep.sum(), (~keep).sum())
+    return split["images"][keep], split["healthy"][keep]
+
+
+def write_loss_png(loss_png: str | os.PathLike, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    try:
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+        ax.set(xlabel="step", ylabel="epsilon MSE", yscale="log", title="DDPM training loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(loss_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def train_ddpm(
+    dataset_h5: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    metrics_csv: str | os.PathLike,
+    loss_png: str | os.PathLike,
+    *,
+    model: dict | None = None,
+    diffusion: dict | None = None,
+    augment: dict | None = None,
+    train: dict | None = None,
+) -> dict:
+    """Train the conditional DDPM; writes the checkpoint, the loss CSV and the loss PNG. Returns a summary.
+
+    augment None or {} means PairedAugment's defaults (the config default); the resume file is
+    `<checkpoint>.resume.pt`, beside the declared output.
+    """
+    model_cfg = with_defaults("model", model, MODEL_DEFAULTS)
+    diffusion_cfg = with_defaults("diffusion", diffusion, DIFFUSION_DEFAULTS)
+    train_cfg = with_defaults("train", train, TRAIN_DEFAULTS)
+    augment_cfg = dict(augment or {})
+    lesion, healthy = load_pairs(dataset_h5)
+    image_size = int(lesion.shape[1])
+    net = build_model(model_cfg, image_size)
+    logger.info("conditional U-Net: %d parameters at %d px", count_parameters(net), image_size)
+    sampler = PairSampler(lesion, healthy, train_cfg["batch_size"], PairedAugment(**augment_cfg),
+                          model_cfg["class_dropout"], net.null_label)
+    alpha_bar_np = alpha_bars(linear_betas(**diffusion_cfg))
+    config = {"model": model_cfg, "diffusion": diffusion_cfg, "train": train_cfg, "augment": augment_cfg,
+              "image_size": image_size}
+    alpha_bar = torch.as_tensor(alpha_bar_np, dtype=torch.float32, device=resolve_device(train_cfg["device"]))
+
+    def loss_fn(m, batch, generator):
+        x0, y = batch
+        return epsilon_loss(m, x0, y, alpha_bar, generator)
+
+    trainer_kwargs = {k: v for k, v in train_cfg.items() if k != "batch_size"}
+    trainer = Trainer(net, loss_fn, sampler, checkpoint=checkpoint, resume_path=resume_path_for(checkpoint),
+                      metrics_csv=metrics_csv, config=config, kind="ddpm", **trainer_kwargs)
+    sampler.to(trainer.device, trainer.memory_format)
+    summary = trainer.fit()
+    write_loss_png(loss_png, trainer.rows)
+    return {**summary, "pairs": int(lesion.shape[0]), "image_size": image_size, "parameters": count_parameters(net)}
+
+
+def resume_path_for(checkpoint: str | os.PathLike) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".resume.pt")
+
+
+def load_model(checkpoint: str | os.PathLike, device: str = "cpu", use_ema: bool = True) -> tuple[ConditionalUNet, dict]:
+    """(model in eval mode on `device`, the checkpoint's config) for inference; EMA weights by default."""
+    ckpt = load_checkpoint(checkpoint, map_location="cpu", kind="ddpm")
+    cfg = ckpt["config"]
+    try:
+        net = build_model(cfg["model"], cfg["image_size"])
+        net.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(checkpoint, f"config and weights do not build a model ({type(err).__name__}: {err})") from err
+    return net.to(resolve_device(device)).eval(), cfg

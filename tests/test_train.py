@@ -1,0 +1,271 @@
+import csv
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from diffseg.augment import PairedAugment
+from diffseg.ddpm import PairSampler, build_model, epsilon_loss, load_model, resume_path_for, train_ddpm
+from diffseg.schedule import alpha_bars, linear_betas, q_sample
+from diffseg.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
+
+torch.set_num_threads(1)
+
+R = 16
+TINY_MODEL = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[8], num_heads=2,
+                  dropout=0.1, class_dropout=0.0, padding="zeros")
+TRAIN = dict(batch_size=8, lr=2e-3, warmup_steps=5, ema_decay=0.9, checkpoint_every=4, log_every=2, seed=3,
+             device="cpu", precision="auto")
+DIFFUSION = dict(T=100, beta_start=1e-4, beta_end=0.02)
+
+
+def synthetic_pairs(n=10, seed=0):
+    """Skin-coloured images with a dark disc (lesion) and the same skin without it (healthy twin)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:R, :R]
+    skin = np.array([200, 150, 130], dtype=np.float64)
+    images, healthy, masks = [], [], []
+    for _ in range(n):
+        base = skin + rng.normal(0, 6, (R, R, 3))
+        cy, cx, r = rng.uniform(5, 11), rng.uniform(5, 11), rng.uniform(2.5, 4.5)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        lesion = base.copy()
+        lesion[mask] = [90, 50, 40]
+        images.append(lesion), healthy.append(base), masks.append(mask)
+    to_u8 = lambda a: np.clip(np.stack(a), 0, 255).astype(np.uint8)  # noqa: E731
+    return to_u8(images), to_u8(healthy), np.stack(masks)
+
+
+def write_dataset(path, n=10):
+    images, healthy, masks = synthetic_pairs(n)
+    has_healthy = np.ones(n, bool)
+    has_healthy[-1] = False
+    with h5py.File(path, "w") as h5:
+        g = h5.create_group("train")
+        g["ids"] = np.array([f"ISIC_{i:07d}" for i in range(n)], dtype=h5py.string_dtype())
+        g["images"], g["healthy"], g["masks"] = images, healthy, masks.astype(np.uint8)
+        g["orig_size"] = np.full((n, 2), R, np.int32)
+        g["has_healthy"] = has_healthy
+        h5.attrs["resolution"] = R
+    return path
+
+
+def make_trainer(tmp_path, steps, name="run", sample_batch=None, loss_fn=None, model_cfg=None, **overrides):
+    """A Trainer on tiny synthetic pairs, with files under tmp_path/name."""
+    torch.manual_seed(0)
+    images, healthy, _ = synthetic_pairs(8)
+    cfg = {**TINY_MODEL, **(model_cfg or {})}
+    model = build_model(cfg, R)
+    sampler = PairSampler(images, healthy, 8, PairedAugment(), cfg["class_dropout"], model.null_label)
+    alpha_bar = torch.tensor(alpha_bars(linear_betas(**DIFFUSION)), dtype=torch.float32)
+    loss = loss_fn or (lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], alpha_bar, g))
+    out = tmp_path / name
+    kwargs = {k: v for k, v in TRAIN.items() if k != "batch_size"}
+    kwargs.update(overrides)
+    return Trainer(model, loss, sample_batch or sampler, checkpoint=out / "model.pt", resume_path=out / "model.pt.resume.pt",
+                   metrics_csv=out / "loss.csv", config={"model": cfg, "image_size": R}, steps=steps, **kwargs)
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_optimizer_equal(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    for pid, state in a["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["state"][pid][k]), (pid, k)
+
+
+# ----------------------------------------------------------------------------- DDPM end to end
+
+
+def test_train_ddpm_lowers_loss_and_writes_outputs(tmp_path):
+    h5 = write_dataset(tmp_path / "dataset.h5")
+    ckpt, csv_path, png = tmp_path / "m" / "ddpm.pt", tmp_path / "m" / "loss.csv", tmp_path / "m" / "loss.png"
+    train = {**TRAIN, "steps": 60, "checkpoint_every": 20, "log_every": 10}
+    summary = train_ddpm(h5, ckpt, csv_path, png, model=TINY_MODEL, diffusion=DIFFUSION, augment={}, train=train)
+    assert summary["steps"] == 60 and summary["pairs"] == 9 and summary["image_size"] == R
+    rows = list(csv.DictReader(open(csv_path)))
+    assert list(rows[0]) == ["step", "loss", "lr", "images_per_s"]
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[0] > 0.5  # zero-initialised output: the first predictions are ~0, MSE ~1
+    assert np.mean(losses[-2:]) < 0.7 * losses[0]
+    assert float(rows[-1]["lr"]) == pytest.approx(2e-3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not resume_path_for(ckpt).exists()
+    model, cfg = load_model(ckpt, device="cpu")
+    assert not model.training
+    assert cfg["image_size"] == R and cfg["diffusion"]["T"] == 100 and cfg["model"]["base_channels"] == 16
+    assert set(cfg) == {"model", "diffusion", "train", "augment", "image_size"}
+    ema = load_checkpoint(ckpt)["ema"]
+    assert_states_equal(model.state_dict(), ema)
+
+
+def test_train_ddpm_rejects_unknown_keys_and_odd_batch(tmp_path):
+    h5 = write_dataset(tmp_path / "dataset.h5")
+    out = tmp_path / "x.pt"
+    with pytest.raises(ValueError, match="train.*stepz"):
+        train_ddpm(h5, out, tmp_path / "l.csv", tmp_path / "l.png", train={"stepz": 3})
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        train_ddpm(h5, out, tmp_path / "l.csv", tmp_path / "l.png", model=TINY_MODEL, train={**TRAIN, "batch_size": 7, "steps": 1})
+
+
+def test_epsilon_loss_uses_q_sample_with_drawn_t_and_noise():
+    seen = {}
+
+    def probe(x_t, t, y):
+        seen.update(x_t=x_t, t=t)
+        return torch.zeros_like(x_t)
+
+    x0 = torch.rand(4, 3, R, R) * 2 - 1
+    abar = torch.tensor(alpha_bars(linear_betas(**DIFFUSION)), dtype=torch.float32)
+    loss = epsilon_loss(probe, x0, torch.zeros(4, dtype=torch.long), abar, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 100, (4,), generator=g)
+    noise = torch.empty_like(x0).normal_(generator=g)
+    assert torch.equal(seen["t"], t) and int(t.max()) < 100
+    assert torch.allclose(seen["x_t"], q_sample(x0, t, noise, abar))
+    assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+
+
+def test_pair_sampler_pairs_twins_and_drops_labels():
+    lesion = np.repeat(np.arange(6, dtype=np.uint8)[:, None, None, None] * 20, 3, axis=3) * np.ones((1, 4, 4, 3), np.uint8)
+    healthy = lesion + 5
+    sampler = PairSampler(lesion, healthy, 8, augment=None)
+    x0, y = sampler(0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert x0.shape == (8, 3, 4, 4) and y.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert torch.allclose(x0[4:] - x0[:4], torch.full((4, 3, 4, 4), 5 / 127.5), atol=1e-6)  # each twin beside its image
+    assert float(x0.min()) >= -1 and float(x0.max()) <= 1
+    dropping = PairSampler(lesion, healthy, 400, augment=None, class_dropout=0.5, null_label=2)
+    _, y = dropping(0, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert set(y.tolist()) == {0, 1, 2} and 150 < int((y == 2).sum()) < 250
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def test_warmup_then_constant_lr(tmp_path):
+    trainer = make_trainer(tmp_path, 1, lr=1e-3, warmup_steps=4)
+    assert [trainer.lr_at(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    trainer = make_trainer(tmp_path, 3)
+    trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "model.pt", kind="ddpm")
+    assert ckpt["step"] == 3 and ckpt["kind"] == "ddpm" and ckpt["config"]["model"]["base_channels"] == 16
+    fresh = make_trainer(tmp_path, 3, name="fresh")
+    save_checkpoint(tmp_path / "copy.pt", ckpt)
+    fresh.resume_path = tmp_path / "copy.pt"
+    fresh.resume()
+    assert fresh.step == 3
+    assert_states_equal(fresh.model.state_dict(), trainer.model.state_dict())
+    assert_states_equal(fresh.ema.state_dict(), trainer.ema.state_dict())
+    assert_optimizer_equal(fresh.optimizer.state_dict(), trainer.optimizer.state_dict())
+    assert fresh.rows == trainer.rows
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    steps = 10
+    reference = make_trainer(tmp_path, steps, name="ref")
+    ref_summary = reference.fit()
+
+    first = make_trainer(tmp_path, steps, name="int")
+    sampler = first.sample_batch
+
+    def crash_at_7(step, generator, device):
+        if step == 7:
+            raise Interrupt
+        return sampler(step, generator, device)
+
+    first.sample_batch = crash_at_7
+    with pytest.raises(Interrupt):
+        first.fit()
+    resume = tmp_path / "int" / "model.pt.resume.pt"
+    assert load_checkpoint(resume)["step"] == 4
+    second = make_trainer(tmp_path, steps, name="int")
+    summary = second.fit()
+    assert summary["resumed_from"] == 4 and not resume.exists()
+    a, b = load_checkpoint(tmp_path / "ref" / "model.pt"), load_checkpoint(tmp_path / "int" / "model.pt")
+    assert_states_equal(a["model"], b["model"])
+    assert_states_equal(a["ema"], b["ema"])
+    assert_optimizer_equal(a["optimizer"], b["optimizer"])
+    assert a["step"] == b["step"] == steps
+    ref_rows = list(csv.DictReader(open(tmp_path / "ref" / "loss.csv")))
+    int_rows = list(csv.DictReader(open(tmp_path / "int" / "loss.csv")))
+    assert [(r["step"], r["loss"], r["lr"]) for r in ref_rows] == [(r["step"], r["loss"], r["lr"]) for r in int_rows]
+    assert ref_summary["final_loss"] == summary["final_loss"]
+
+
+def test_resume_with_different_model_is_refused(tmp_path):
+    first = make_trainer(tmp_path, 4, name="r")
+    first.fit()
+    # a run of 4 steps leaves the final checkpoint; reuse it as another model's resume file
+    (tmp_path / "r" / "model.pt").rename(tmp_path / "r" / "model.pt.resume.pt")
+    other = make_trainer(tmp_path, 8, name="r", model_cfg={"base_channels": 8})
+    with pytest.raises(CheckpointError, match=r"model\.pt\.resume\.pt.*different model"):
+        other.fit()
+
+
+def test_nan_loss_stops_and_keeps_last_resume_file(tmp_path):
+    trainer = make_trainer(tmp_path, 12, name="nan")
+    good_loss = trainer.loss_fn
+
+    def nan_at_6(model, batch, generator):
+        loss = good_loss(model, batch, generator)
+        return loss * math.nan if trainer.step == 6 else loss
+
+    trainer.loss_fn = nan_at_6
+    with pytest.raises(RuntimeError, match=r"loss is nan at step 7.*model\.pt\.resume\.pt \(step 4\)"):
+        trainer.fit()
+    kept = load_checkpoint(tmp_path / "nan" / "model.pt.resume.pt")
+    assert kept["step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_corrupt_or_foreign_checkpoints_are_named(tmp_path):
+    trainer = make_trainer(tmp_path, 2)
+    trainer.fit()
+    good = (tmp_path / "run" / "model.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, problem in [(truncated, "corrupt or truncated"), (garbage, "corrupt or truncated"),
+                          (foreign, "missing keys"), (tmp_path / "absent.pt", "not found")]:
+        with pytest.raises(CheckpointError, match=problem) as err:
+            load_checkpoint(path)
+        assert str(err.value).startswith(str(path))
+    with pytest.raises(CheckpointError, match="kind is 'ddpm', expected 'unet'"):
+        load_checkpoint(tmp_path / "run" / "model.pt", kind="unet")
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        load_model(truncated)
+
+
+def test_early_stopping_keeps_best_ema(tmp_path):
+    metrics = iter([0.5, 0.9, 0.7, 0.6, 0.95])
+    snapshots = []
+
+    def evaluate(ema_model):
+        snapshots.append({k: v.clone() for k, v in ema_model.state_dict().items()})
+        return next(metrics)
+
+    trainer = make_trainer(tmp_path, 20, name="es", evaluate=evaluate, eval_every=2, patience=2)
+    summary = trainer.fit()
+    assert summary["stopped_early"] and summary["steps"] == 8 and summary["best_metric"] == 0.9
+    ckpt = load_checkpoint(tmp_path / "es" / "model.pt")
+    assert ckpt["best_metric"] == 0.9
+    assert_states_equal(ckpt["ema"], snapshots[1])
