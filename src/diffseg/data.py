@@ -19,7 +19,7 @@ from tqdm import tqdm
 import diffseg
 from diffseg.atomic import atomic_path
 from diffseg.imageio import IMAGE_SUFFIXES, InputError, read_mask, read_rgb
-from diffseg.inpaint import METHODS, remove_lesion
+from diffseg.inpaint import METHODS, dilate_mask, remove_lesion
 from diffseg.seeding import image_seed
 
 logger = logging.getLogger(__name__)
@@ -215,12 +215,13 @@ def prepare_dataset(
     *,
     resolution: int = 128,
     dilate_px: int = 3,
-    inpaint: str = "biharmonic",
+    inpaint: str = "texture",
     split_fractions: dict[str, float] = DEFAULT_FRACTIONS,
     split_seed: int = 0,
     on_bad_file: str = "error",
     preview_n: int = 4,
     threads: int = 1,
+    limit: int | None = None,
 ) -> dict:
     """Build ``dataset.h5`` (layout in docs/ARCHITECTURE.md), the split table and a preview figure.
 
@@ -230,11 +231,12 @@ def prepare_dataset(
     (training) pool is split with ``split_fractions`` and ``split_seed``. Healthy twins are made
     for the train split only. ``on_bad_file="skip"`` skips files that fail validation, logs them
     and lists them in the ``skipped`` attribute; ``"error"`` raises the first failure.
+    ``limit`` keeps only the first N pairs (sorted by id) of each split folder, for quick runs.
     Returns a summary dict (counts per split, skipped files, images without a twin, seconds).
     """
     started = time.perf_counter()
-    _check_options(resolution, dilate_px, inpaint, on_bad_file, threads)
-    discovered = discover_pairs(data_dir)
+    _check_options(resolution, dilate_px, inpaint, on_bad_file, threads, limit)
+    discovered = {split: pairs[:limit] for split, pairs in discover_pairs(data_dir).items()}
     split_of = _assign_splits(discovered, split_fractions, split_seed)
     pairs = [pair for split in SPLITS for pair in discovered.get(split, [])]
     logger.info("found %d image/mask pairs in %s", len(pairs), data_dir)
@@ -271,7 +273,9 @@ def prepare_dataset(
     return summary
 
 
-def _check_options(resolution: int, dilate_px: int, inpaint: str, on_bad_file: str, threads: int) -> None:
+def _check_options(
+    resolution: int, dilate_px: int, inpaint: str, on_bad_file: str, threads: int, limit: int | None
+) -> None:
     if not (isinstance(resolution, int) and resolution >= 8):
         raise ValueError(f"prepare.resolution must be an integer >= 8, got {resolution!r}")
     if dilate_px < 0:
@@ -282,6 +286,8 @@ def _check_options(resolution: int, dilate_px: int, inpaint: str, on_bad_file: s
         raise ValueError(f"prepare.on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
     if threads < 1:
         raise ValueError(f"prepare.threads must be >= 1, got {threads!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"prepare.limit must be >= 1 or null, got {limit!r}")
 
 
 def _assign_splits(discovered: dict[str, list[Pair]], split_fractions: dict, seed: int) -> dict[str, str]:
@@ -336,9 +342,10 @@ def _add_healthy_twins(group: dict | None, dilate_px: int, method: str, seed: in
         return
     items = [(img, mask, image_seed(seed, i)) for i, img, mask in zip(group["ids"], group["images"], group["masks"])]
     twins = _parallel(_twin_chunk, items, threads, f"healthy twins ({method})", dilate_px=dilate_px, method=method)
-    for image_id, twin in zip(group["ids"], twins):
+    for image_id, mask, twin in zip(group["ids"], group["masks"], twins):
         if twin is None:
-            logger.warning("%s: no healthy twin, the dilated lesion leaves no skin to inpaint from", image_id)
+            covered = dilate_mask(mask, dilate_px).mean()
+            logger.warning("%s: no healthy twin, the dilated lesion covers %.1f%% of the image", image_id, 100 * covered)
     group["has_healthy"] = np.array([t is not None for t in twins], dtype=bool)
     group["healthy"] = np.stack([img if t is None else t for img, t in zip(group["images"], twins)])
 
@@ -373,7 +380,12 @@ def write_preview(preview_png: str | os.PathLike, group: dict, preview_n: int = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = max(1, min(preview_n, len(group["ids"])))
+    n = min(preview_n, len(group["ids"]))
+    if n == 0:  # the rule still expects a figure
+        fig = plt.figure(figsize=(3, 1))
+        fig.text(0.5, 0.5, "preview disabled (prepare.preview_n = 0)", ha="center", va="center", fontsize=7)
+        _save_figure(fig, preview_png)
+        return
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     for row in range(n):
         has_twin = "healthy" in group and group["has_healthy"][row]
@@ -384,8 +396,14 @@ def write_preview(preview_png: str | os.PathLike, group: dict, preview_n: int = 
             ax.set_title(f"{group['ids'][row]} {title}" if title == "image" else title, fontsize=7)
             ax.axis("off")
     fig.tight_layout()
+    _save_figure(fig, preview_png)
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    import matplotlib.pyplot as plt
+
     try:
-        with atomic_path(preview_png) as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
