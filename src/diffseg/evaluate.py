@@ -1,0 +1,278 @@
+"""Evaluation: per-image metrics of every method/stage, the Table-1-like ``table.md``, uncertainty AUROC.
+
+Every per-image result file is matched to the dataset's ground truth by image id, never by row
+order. The best single timestep is chosen on the validation split and only reported on the
+evaluation split, so no choice is ever made on the images the table reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from diffseg.atomic import atomic_path
+from diffseg.imageio import InputError
+from diffseg.metrics import METRICS, aggregate, mask_metrics
+from diffseg.uncertainty import ged_kohl
+
+logger = logging.getLogger(__name__)
+
+BEST_T_METHOD = "DiffSeg, best single timestep"
+MEAN_METHOD = "DiffSeg, mean of outputs thresholded"
+FINAL_METHOD = "DiffSeg + CRF fusion"
+BASELINE_NAMES = {"otsu": "Otsu", "unet": "U-Net (supervised)",
+                  "attention_unet": "Attention U-Net (supervised)"}
+PER_FILE_KEYS = ("timesteps",)  # datasets with one value per file, not per image
+UNCERTAINTY_COLUMNS = ("ged_paper", "ged_kohl", "ambiguity_area", "crf_disagreement")
+METRIC_HEADERS = {"dice": "Dice", "jaccard": "Jaccard", "precision": "Precision", "recall": "Recall",
+                  "threshold_jaccard": "threshold Jaccard"}
+UNCERTAINTY_SCORES = {"ged_paper": "GED (paper, eqs. 5-7)",
+                      "ambiguity_area": "ambiguity area (fraction of pixels with 0 < consistency < 1)",
+                      "crf_disagreement": "CRF disagreement (fraction of pixels where the K rounds differ)"}
+# DiffSeg paper, Table 1 (ISIC 2018): Dice, Precision, Recall, Jaccard
+PUBLISHED = {"U-Net": (0.838, 0.863, 0.868, 0.724), "Attention U-Net": (0.860, 0.861, 0.884, 0.746),
+             "DiffSeg": (0.864, 0.897, 0.882, 0.735)}
+
+
+# ----------------------------------------------------------------------------- reading HDF5 files
+
+
+def read_h5(path: str | os.PathLike, keys: Sequence[str], group: str | None = None) -> dict:
+    """ids (list of str) and the named datasets of one HDF5 file (or one group of it), validated."""
+    try:
+        fh = h5py.File(path, "r")
+    except (FileNotFoundError, OSError) as err:
+        raise InputError(path, f"cannot open as HDF5 ({err})") from err
+    with fh:
+        node = fh
+        if group is not None:
+            if group not in fh:
+                raise InputError(path, f"no split '{group}' (groups: {sorted(fh)})")
+            node = fh[group]
+        where = f"{group}/" if group else ""
+        for key in ("ids", *keys):
+            if key not in node:
+                raise InputError(path, f"missing dataset '{where}{key}'")
+        out = {"ids": [s.decode() if isinstance(s, bytes) else str(s) for s in node["ids"][()]],
+               "attrs": dict(fh.attrs)}
+        for key in keys:
+            out[key] = node[key][()]
+            if key not in PER_FILE_KEYS and len(out[key]) != len(out["ids"]):
+                raise InputError(path, f"'{where}{key}' has {len(out[key])} rows but 'ids' has {len(out['ids'])}")
+    return out
+
+
+def match_rows(wanted: Sequence[str], file_ids: Sequence[str], path: str | os.PathLike, where: str = "") -> np.ndarray:
+    """Row in ``file_ids`` of every wanted id; a missing id is an error naming the file and the id."""
+    row_of = {image_id: row for row, image_id in enumerate(file_ids)}
+    missing = [image_id for image_id in wanted if image_id not in row_of]
+    if missing:
+        raise InputError(path, f"image id {missing[0]} missing{where} ({len(missing)} of {len(wanted)} ids absent)")
+    return np.array([row_of[image_id] for image_id in wanted], dtype=np.int64)
+
+
+def _check_resolution(masks: np.ndarray, truth: np.ndarray, path, key: str) -> None:
+    if masks.shape[-2:] != truth.shape[-2:]:
+        raise InputError(path, f"'{key}' masks are {masks.shape[-1]}x{masks.shape[-2]} px but the ground "
+                         f"truth is {truth.shape[-1]}x{truth.shape[-2]} px")
+
+
+def _check_split_attr(path, attrs: dict, expected: str) -> None:
+    """Refuse an inference file made for another split (e.g. a test file passed as the val file)."""
+    split = attrs.get("split")
+    if split is not None and str(split) != expected:
+        raise InputError(path, f"inference file is for split '{split}', expected '{expected}'")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def per_image_metrics(ids: Sequence[str], preds: np.ndarray, truth: np.ndarray) -> pd.DataFrame:
+    """One row per image: id plus every metric of diffseg.metrics."""
+    rows = [{"id": image_id, **mask_metrics(p, t)} for image_id, p, t in zip(ids, preds, truth)]
+    return pd.DataFrame(rows, columns=["id", *METRICS])
+
+
+def mean_dice_per_timestep(binary: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(T,) macro-mean Dice of each timestep's binary output over the images."""
+    n, n_t = binary.shape[:2]
+    return np.array([np.mean([mask_metrics(binary[i, k], truth[i])["dice"] for i in range(n)])
+                     for k in range(n_t)])
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """AUROC of ``scores`` ranking positives above negatives (rank formula, ties averaged); None if a class is empty."""
+    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)  # average ranks for ties: a tie counts as half a correct ordering
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def choose_timestep_on_val(dataset_h5, val_h5) -> tuple[int, np.ndarray, np.ndarray]:
+    """(best timestep value, timesteps, mean val Dice per timestep), from the val split only."""
+    truth = read_h5(dataset_h5, ["masks"], group="val")
+    val = read_h5(val_h5, ["binary", "timesteps"])
+    _check_split_attr(val_h5, val["attrs"], "val")
+    rows = match_rows(truth["ids"], val["ids"], val_h5)
+    _check_resolution(val["binary"], truth["masks"], val_h5, "binary")
+    dice = mean_dice_per_timestep(val["binary"][rows], truth["masks"].astype(bool))
+    best = int(val["timesteps"][int(np.argmax(dice))])  # argmax: the earliest t on a tie
+    logger.info("best single timestep on val: t=%d (mean Dice %.3f); per t: %s", best, dice.max(),
+                dict(zip(val["timesteps"].tolist(), np.round(dice, 3).tolist())))
+    return best, val["timesteps"], dice
+
+
+def _timestep_column(timesteps: np.ndarray, t: int, path) -> int:
+    hits = np.flatnonzero(np.asarray(timesteps) == t)
+    if hits.size == 0:
+        raise InputError(path, f"timestep {t} (chosen on val) not among its timesteps {list(timesteps)}")
+    return int(hits[0])
+
+
+def _uncertainty_columns(ids, binary, truth, unc, unc_h5, crf, crf_h5) -> pd.DataFrame:
+    """ged_paper, ged_kohl, ambiguity_area and crf_disagreement of every image (in ``ids`` order)."""
+    unc_rows = match_rows(ids, unc["ids"], unc_h5)
+    crf_rows = match_rows(ids, crf["ids"], crf_h5)
+    cons = unc["consistency"][unc_rows]
+    rounds = crf["rounds"][crf_rows]
+    return pd.DataFrame({
+        "ged_paper": unc["ged"][unc_rows].astype(float),
+        "ged_kohl": [ged_kohl(binary[i], truth[i]) for i in range(len(ids))],
+        "ambiguity_area": ((cons > 0) & (cons < 1)).mean(axis=(1, 2)),
+        "crf_disagreement": (rounds.min(axis=1) != rounds.max(axis=1)).mean(axis=(1, 2)),
+    })
+
+
+def _method_table(name: str, ids, preds: np.ndarray, truth: np.ndarray, extra: pd.DataFrame | None = None):
+    table = per_image_metrics(ids, preds, truth)
+    if extra is not None:
+        table = pd.concat([table, extra.reset_index(drop=True)], axis=1)
+    table.insert(1, "method", name)
+    return table
+
+
+def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth) -> tuple[list, int]:
+    """Per-image tables of the three DiffSeg rows, and the timestep chosen on val."""
+    if len(inference_h5s) != 2:
+        raise ValueError(f"evaluate: inference_h5s must be [val file, {split} file], got {list(inference_h5s)}")
+    val_h5, eval_h5 = inference_h5s
+    best_t, _, _ = choose_timestep_on_val(dataset_h5, val_h5)
+    inf = read_h5(eval_h5, ["binary", "timesteps"])
+    _check_split_attr(eval_h5, inf["attrs"], split)
+    binary = inf["binary"][match_rows(ids, inf["ids"], eval_h5)]
+    _check_resolution(binary, truth, eval_h5, "binary")
+    crf = read_h5(crf_h5, ["fused", "rounds"])
+    fused = crf["fused"][match_rows(ids, crf["ids"], crf_h5)]
+    _check_resolution(fused, truth, crf_h5, "fused")
+    unc = read_h5(uncertainty_h5, ["consistency", "ged"])
+    extra = _uncertainty_columns(ids, binary, truth, unc, uncertainty_h5, crf, crf_h5)
+    tables = [
+        _method_table(BEST_T_METHOD, ids, binary[:, _timestep_column(inf["timesteps"], best_t, eval_h5)], truth),
+        _method_table(MEAN_METHOD, ids, binary.mean(axis=1) >= 0.5, truth),
+        _method_table(FINAL_METHOD, ids, fused, truth, extra),
+    ]
+    return tables, best_t
+
+
+def _baseline_table(name: str, path, ids, truth) -> pd.DataFrame:
+    data = read_h5(path, ["masks"])
+    masks = data["masks"][match_rows(ids, data["ids"], path)]
+    _check_resolution(masks, truth, path, "masks")
+    return _method_table(BASELINE_NAMES.get(name, name), ids, masks, truth)
+
+
+# ----------------------------------------------------------------------------- table.md
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def _results_table(means: dict, best_t: int) -> list[str]:
+    headers = [*METRIC_HEADERS.values(), "GED (Kohl, vs truth)", "GED (paper)"]
+    lines = ["| method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+    for method, m in means.items():
+        label = f"{method} (t = {best_t}, chosen on val)" if method == BEST_T_METHOD else method
+        cells = [_fmt(m[k]) for k in METRIC_HEADERS] + [_fmt(m.get("ged_kohl")), _fmt(m.get("ged_paper"))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _warning_section(final: pd.DataFrame, fail_dice: float) -> list[str]:
+    failed = final["dice"].to_numpy() < fail_dice
+    lines = ["## Does uncertainty warn where the mask is wrong?", "",
+             f"{int(failed.sum())} of {len(final)} images have a final Dice < {fail_dice:g}. AUROC of each "
+             "per-image score for ranking those failures above the other images (0.5 = chance, 1 = perfect; "
+             "n/a when either group is empty):", "",
+             "| uncertainty score | AUROC |", "|---|---|"]
+    for column, label in UNCERTAINTY_SCORES.items():
+        lines.append(f"| {label} | {_fmt(auroc(final[column], failed))} |")
+    return lines
+
+
+def _published_section() -> list[str]:
+    lines = ["## Reference only: published numbers (DiffSeg paper, Table 1)", "",
+             "Published, other splits, not comparable with the rows above.", "",
+             "| method (published) | Dice | Precision | Recall | Jaccard |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |" for name, values in PUBLISHED.items()]
+    return lines
+
+
+def render_table(means: dict, final: pd.DataFrame, split: str, best_t: int, fail_dice: float) -> str:
+    """The markdown of table.md."""
+    lines = [f"# Segmentation results on split '{split}' (n = {len(final)} images)", "",
+             "Per-image metrics, macro-averaged (ISIC 2018 conventions).", ""]
+    lines += _results_table(means, best_t)
+    lines += ["", f"Mean GED of the final DiffSeg masks over {len(final)} images: paper definition "
+              f"(eqs. 5-7, among the outputs) {_fmt(final['ged_paper'].mean())}; standard (Kohl et al., "
+              f"outputs vs ground truth, d = 1 - IoU) {_fmt(final['ged_kohl'].mean())}.", ""]
+    lines += _warning_section(final, fail_dice) + [""] + _published_section()
+    return "\n".join(lines) + "\n"
+
+
+def _macro_means(tables: list[pd.DataFrame]) -> dict[str, dict[str, float]]:
+    means = {}
+    for table in tables:
+        m = aggregate(table).to_dict()
+        m.update({c: float(table[c].mean()) for c in UNCERTAINTY_COLUMNS if c in table})
+        means[table["method"].iloc[0]] = m
+    return means
+
+
+def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os.PathLike],
+                 uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike, baselines: dict,
+                 per_image_csv: str | os.PathLike, table_md: str | os.PathLike, *, split: str = "test",
+                 fail_dice: float = 0.7) -> dict[str, dict[str, float]]:
+    """Score every method on ``split``; write the per-image CSV and table.md. Returns macro means per method.
+
+    The best-timestep row's dict also holds its ``timestep`` (chosen on val).
+    """
+    if split == "val":
+        logger.warning("evaluating on 'val', the split the best timestep is chosen on: that row is optimistic")
+    truth_data = read_h5(dataset_h5, ["masks"], group=split)
+    ids, truth = truth_data["ids"], truth_data["masks"].astype(bool)
+    if not ids:
+        raise InputError(dataset_h5, f"split '{split}' holds no images")
+    tables, best_t = _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth)
+    tables += [_baseline_table(name, path, ids, truth) for name, path in baselines.items()]
+    per_image = pd.concat(tables, ignore_index=True)
+    means = _macro_means(tables)
+    final = tables[2]
+    with atomic_path(per_image_csv) as tmp:
+        per_image.to_csv(tmp, index=False)
+    with atomic_path(table_md) as tmp:
+        tmp.write_text(render_table(means, final, split, best_t, fail_dice))
+    means[BEST_T_METHOD]["timestep"] = best_t
+    logger.info("evaluate %s: %s", split, {k: round(v["dice"], 3) for k, v in means.items()})
+    return means

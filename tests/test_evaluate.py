@@ -1,0 +1,245 @@
+"""run_evaluate and export_masks on tiny hand-made HDF5 files (16 px) with known per-row Dice."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from diffseg.evaluate import (BEST_T_METHOD, FINAL_METHOD, MEAN_METHOD, auroc, run_evaluate)
+from diffseg.export import export_masks
+from diffseg.imageio import InputError
+from diffseg.uncertainty import ged_kohl
+
+R = 16
+TEST_IDS = ["ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
+VAL_IDS = ["ISIC_0000010", "ISIC_0000011"]
+
+
+def square(top: int, left: int, size: int) -> np.ndarray:
+    mask = np.zeros((R, R), np.uint8)
+    mask[top:top + size, left:left + size] = 1
+    return mask
+
+
+def left_half(mask: np.ndarray) -> np.ndarray:
+    """The mask with its right half of columns (within its bounding box) removed."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    out = mask.copy()
+    out[:, cols[len(cols) // 2]:] = 0
+    return out
+
+
+TRUTH = {"ISIC_0000001": square(2, 2, 8), "ISIC_0000002": square(6, 4, 6), "ISIC_0000003": square(4, 8, 4),
+         "ISIC_0000010": square(3, 3, 6), "ISIC_0000011": square(8, 6, 4)}
+EXTRA = square(12, 0, 3)  # outside every test truth: a false positive seen by one output of three
+
+
+def write_ids(f: h5py.File, ids) -> None:
+    f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+
+
+def write_dataset(path, sizes=None) -> None:
+    sizes = sizes or {}
+    with h5py.File(path, "w") as f:
+        for split, ids in (("val", VAL_IDS), ("test", TEST_IDS)):
+            g = f.create_group(split)
+            write_ids(g, ids)
+            g["images"] = np.full((len(ids), R, R, 3), 128, np.uint8)
+            g["masks"] = np.stack([TRUTH[i] for i in ids])
+            g["orig_size"] = np.array([sizes.get(i, (R, R)) for i in ids], np.int32)
+
+
+def write_inference(path, ids, binary_by_id, split) -> None:
+    with h5py.File(path, "w") as f:
+        write_ids(f, ids)
+        f["timesteps"] = np.array([60, 70, 80], np.int32)
+        f["binary"] = np.stack([binary_by_id[i] for i in ids]).astype(np.uint8)
+        f["maps"] = f["binary"][()].astype(np.float16)
+        f.attrs["split"] = split
+
+
+def val_binary() -> dict:
+    """On val only t=70 is right (Dice 1); t=60 and t=80 are empty (Dice 0)."""
+    return {i: np.stack([np.zeros((R, R)), TRUTH[i], np.zeros((R, R))]) for i in VAL_IDS}
+
+
+def eval_binary() -> dict:
+    """On test t=60 is right plus a false positive, t=70 is the left half, t=80 is right."""
+    return {i: np.stack([TRUTH[i] | EXTRA, left_half(TRUTH[i]), TRUTH[i]]) for i in TEST_IDS}
+
+
+CONSISTENCY_AMBIGUOUS_PX = {"ISIC_0000001": 0, "ISIC_0000002": 16, "ISIC_0000003": 8}
+GED_PAPER = {"ISIC_0000001": 0.10, "ISIC_0000002": 0.50, "ISIC_0000003": 0.20}
+
+
+def write_uncertainty(path, ids) -> None:
+    cons = []
+    for i in ids:
+        c = TRUTH[i].astype(np.float32)
+        c.reshape(-1)[R * R - CONSISTENCY_AMBIGUOUS_PX[i]:] = 0.5  # ambiguous pixels at the end
+        cons.append(c)
+    with h5py.File(path, "w") as f:
+        write_ids(f, ids)
+        f["consistency"] = np.stack(cons)
+        f["ambiguity"] = np.stack(cons) * (1 - np.stack(cons))
+        f["ged"] = np.array([GED_PAPER[i] for i in ids])
+
+
+FUSED = {"ISIC_0000001": TRUTH["ISIC_0000001"], "ISIC_0000002": np.zeros((R, R), np.uint8),
+         "ISIC_0000003": TRUTH["ISIC_0000003"]}  # Dice 1, 0, 1
+DISAGREE_PX = {"ISIC_0000001": 4, "ISIC_0000002": 32, "ISIC_0000003": 0}
+
+
+def write_crf(path, ids) -> None:
+    rounds = []
+    for i in ids:
+        r = np.repeat(FUSED[i][None], 3, axis=0).copy()
+        r[1].reshape(-1)[:DISAGREE_PX[i]] ^= 1  # round 2 differs on the first pixels
+        rounds.append(r)
+    with h5py.File(path, "w") as f:
+        write_ids(f, ids)
+        f["fused"] = np.stack([FUSED[i] for i in ids])
+        f["rounds"] = np.stack(rounds)
+
+
+def write_baseline(path, ids, masks_by_id) -> None:
+    with h5py.File(path, "w") as f:
+        write_ids(f, ids)
+        f["masks"] = np.stack([masks_by_id[i] for i in ids]).astype(np.uint8)
+
+
+@pytest.fixture
+def files(tmp_path):
+    shuffled = TEST_IDS[::-1]  # every file in another order than the dataset: matching is by id
+    paths = {k: tmp_path / f"{k}.h5" for k in ("dataset", "val", "test", "unc", "crf", "otsu", "unet")}
+    write_dataset(paths["dataset"])
+    write_inference(paths["val"], VAL_IDS, val_binary(), "val")
+    write_inference(paths["test"], shuffled, eval_binary(), "test")
+    write_uncertainty(paths["unc"], shuffled)
+    write_crf(paths["crf"], [TEST_IDS[1], TEST_IDS[0], TEST_IDS[2]])
+    write_baseline(paths["otsu"], shuffled, TRUTH)
+    write_baseline(paths["unet"], TEST_IDS, {i: np.zeros((R, R)) for i in TEST_IDS})
+    return paths
+
+
+def evaluate(paths, tmp_path, **kwargs):
+    csv, md = tmp_path / "metrics" / "test.csv", tmp_path / "metrics" / "table.md"
+    means = run_evaluate(paths["dataset"], [paths["val"], paths["test"]], paths["unc"], paths["crf"],
+                         {"otsu": paths["otsu"], "unet": paths["unet"]}, csv, md, **kwargs)
+    return means, pd.read_csv(csv), md.read_text()
+
+
+def test_rows_have_the_known_dice(files, tmp_path):
+    means, _, _ = evaluate(files, tmp_path)
+    # t=70 is chosen on val although t=60/t=80 are better on test; left half of a square: Dice 2/3
+    assert means[BEST_T_METHOD]["timestep"] == 70
+    assert means[BEST_T_METHOD]["dice"] == pytest.approx(2 / 3)
+    assert means[BEST_T_METHOD]["jaccard"] == pytest.approx(0.5)
+    assert means[BEST_T_METHOD]["precision"] == pytest.approx(1.0)
+    assert means[BEST_T_METHOD]["recall"] == pytest.approx(0.5)
+    assert means[BEST_T_METHOD]["threshold_jaccard"] == pytest.approx(0.0)
+    # majority vote drops the false positive seen by 1 of 3 outputs and keeps the half seen by 2 of 3
+    assert means[MEAN_METHOD]["dice"] == pytest.approx(1.0)
+    assert means[FINAL_METHOD]["dice"] == pytest.approx(2 / 3)
+    assert means["Otsu"]["dice"] == pytest.approx(1.0)
+    assert means["U-Net (supervised)"]["dice"] == pytest.approx(0.0)
+    assert means["U-Net (supervised)"]["precision"] == pytest.approx(1.0)  # empty prediction: ISIC freebie
+
+
+def test_per_image_csv_has_every_image_and_method(files, tmp_path):
+    _, table, _ = evaluate(files, tmp_path)
+    assert len(table) == 5 * len(TEST_IDS)
+    assert set(table["method"]) == {BEST_T_METHOD, MEAN_METHOD, FINAL_METHOD, "Otsu", "U-Net (supervised)"}
+    final = table[table["method"] == FINAL_METHOD].set_index("id")
+    assert final.loc[TEST_IDS, "dice"].tolist() == pytest.approx([1.0, 0.0, 1.0])
+    assert final.loc[TEST_IDS, "ged_paper"].tolist() == pytest.approx([GED_PAPER[i] for i in TEST_IDS])
+    assert final.loc[TEST_IDS, "ambiguity_area"].tolist() == pytest.approx(
+        [CONSISTENCY_AMBIGUOUS_PX[i] / R**2 for i in TEST_IDS])
+    assert final.loc[TEST_IDS, "crf_disagreement"].tolist() == pytest.approx([DISAGREE_PX[i] / R**2 for i in TEST_IDS])
+    binary = eval_binary()
+    assert final.loc[TEST_IDS, "ged_kohl"].tolist() == pytest.approx([ged_kohl(binary[i], TRUTH[i]) for i in TEST_IDS])
+    others = table[table["method"] != FINAL_METHOD]
+    assert others["ged_paper"].isna().all()
+
+
+def test_table_lists_rows_auroc_and_published_reference(files, tmp_path):
+    means, _, md = evaluate(files, tmp_path)
+    for label in ("DiffSeg, best single timestep (t = 70, chosen on val)", MEAN_METHOD, FINAL_METHOD,
+                  "Otsu", "U-Net (supervised)"):
+        assert f"| {label} |" in md
+    assert "n = 3 images" in md
+    assert "| Otsu | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | n/a | n/a |" in md
+    assert "Does uncertainty warn where the mask is wrong?" in md
+    # the only failure (Dice 0) has the highest GED, ambiguity area and CRF disagreement: AUROC 1
+    for score in ("GED (paper, eqs. 5-7)", "ambiguity area", "CRF disagreement"):
+        line = next(row for row in md.splitlines() if row.startswith(f"| {score}"))
+        assert line.endswith("| 1.000 |"), line
+    assert "1 of 3 images have a final Dice < 0.7" in md
+    assert "published, other splits, not comparable" in md.lower()
+    assert "| DiffSeg | 0.864 | 0.897 | 0.882 | 0.735 |" in md
+    assert f"{np.mean(list(GED_PAPER.values())):.3f}" in md
+
+
+def test_auroc_is_na_without_failures(files, tmp_path):
+    _, _, md = evaluate(files, tmp_path, fail_dice=0.0)
+    assert "| GED (paper, eqs. 5-7) | n/a |" in md
+
+
+def test_auroc_rank_formula_with_ties():
+    # pairs (positive, negative): 0.4>0.1, 0.4=0.4 (half), 0.8>0.1, 0.8>0.4 -> 3.5 of 4
+    assert auroc([0.1, 0.4, 0.4, 0.8], [False, True, False, True]) == pytest.approx(0.875)
+    assert auroc([0.3, 0.2, 0.1], [True, False, False]) == pytest.approx(1.0)
+    assert auroc([0.3, 0.2, 0.1], [False, False, True]) == pytest.approx(0.0)
+    assert auroc([0.3, 0.2], [True, True]) is None
+
+
+def test_missing_id_names_file_and_id(files, tmp_path):
+    write_crf(files["crf"], TEST_IDS[:2])
+    with pytest.raises(InputError, match=rf"{files['crf'].name}.*ISIC_0000003"):
+        evaluate(files, tmp_path)
+    assert not (tmp_path / "metrics" / "table.md").exists()
+
+
+def test_missing_id_in_baseline_names_file_and_id(files, tmp_path):
+    write_baseline(files["unet"], TEST_IDS[1:], TRUTH)
+    with pytest.raises(InputError, match=rf"unet.h5.*ISIC_0000001"):
+        evaluate(files, tmp_path)
+
+
+def test_refuses_to_choose_the_timestep_on_another_split(files, tmp_path):
+    with h5py.File(files["val"], "a") as f:
+        f.attrs["split"] = "test"
+    with pytest.raises(InputError, match="val.h5.*split 'test', expected 'val'"):
+        evaluate(files, tmp_path)
+
+
+# ----------------------------------------------------------------------------- export_masks
+
+
+def test_export_masks_writes_original_size_0_255_pngs(tmp_path):
+    sizes = {"ISIC_0000001": (20, 30), "ISIC_0000002": (16, 16), "ISIC_0000003": (48, 32)}
+    write_dataset(tmp_path / "dataset.h5", sizes)
+    write_crf(tmp_path / "crf.h5", TEST_IDS[::-1])
+    png_dir = tmp_path / "test_png"
+    assert export_masks(tmp_path / "dataset.h5", tmp_path / "crf.h5", png_dir, split="test") == 3
+    assert sorted(p.name for p in png_dir.iterdir()) == [f"{i}_segmentation.png" for i in TEST_IDS]
+    for image_id, (height, width) in sizes.items():
+        png = np.asarray(Image.open(png_dir / f"{image_id}_segmentation.png"))
+        assert png.shape == (height, width)
+        assert set(np.unique(png).tolist()) <= {0, 255}
+        # upscaled mask covers the same fraction of the image as the 16 px one (up to the outline)
+        assert (png > 0).mean() == pytest.approx(FUSED[image_id].mean(), abs=0.06)
+    centre = np.asarray(Image.open(png_dir / "ISIC_0000001_segmentation.png"))
+    assert centre[int(6 / R * 20), int(6 / R * 30)] == 255  # inside the square at (2..9, 2..9)
+
+
+def test_export_masks_unknown_id_names_split(tmp_path):
+    write_dataset(tmp_path / "dataset.h5")
+    with h5py.File(tmp_path / "crf.h5", "w") as f:
+        write_ids(f, ["ISIC_9999999"])
+        f["fused"] = np.zeros((1, R, R), np.uint8)
+    with pytest.raises(InputError, match="ISIC_9999999 missing from split 'test'"):
+        export_masks(tmp_path / "dataset.h5", tmp_path / "crf.h5", tmp_path / "png", split="test")

@@ -1,0 +1,139 @@
+"""run_figures with a tiny real checkpoint and hand-made HDF5 files (16 px, 3 timesteps)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import diffseg
+from diffseg.ddpm import build_model
+from diffseg.evaluate import FINAL_METHOD
+from diffseg.figures import CASE_SIZE_IN, SUMMARY_SIZE_IN, pick_cases, predict_noise_pair, run_figures
+from diffseg.imageio import InputError
+from diffseg.inference import alpha_bar_tensor, draw_noise, noise_difference, to_model_input
+from diffseg.train import save_checkpoint
+
+R, DPI = 16, 40
+IDS = ["ISIC_0000001", "ISIC_0000002", "ISIC_0000003", "ISIC_0000004"]
+DICE = {"ISIC_0000001": 0.9, "ISIC_0000002": 0.2, "ISIC_0000003": 0.6, "ISIC_0000004": 0.75}
+TINY_MODEL = dict(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
+                  num_heads=1, dropout=0.0, class_dropout=0.0, padding="zeros")
+DIFFUSION = dict(T=200, beta_start=1e-4, beta_end=0.02)
+INFERENCE = dict(timesteps=[60, 70, 80], noise_draws=1, normalise="p99", threshold=0.5, seed=3, device="cpu",
+                 precision="fp32", batch_images=4)
+
+
+def write_ids(f, ids):
+    f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+
+
+def tiny_checkpoint(path):
+    """A 16 px conditional U-Net whose zero-initialised output layer is randomised, so c0 != c1."""
+    torch.manual_seed(0)
+    net = build_model(TINY_MODEL, R)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    state = net.state_dict()
+    save_checkpoint(path, {"model": state, "ema": state, "optimizer": {}, "scaler": None, "step": 0,
+                           "config": {"model": TINY_MODEL, "diffusion": DIFFUSION, "image_size": R},
+                           "version": diffseg.__version__, "kind": "ddpm", "best_metric": None})
+    return net.eval()
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = np.zeros((len(IDS), R, R), np.uint8)
+    truth[:, 4:12, 4:12] = 1
+    binary = (rng.random((len(IDS), 3, R, R)) < 0.5).astype(np.uint8)
+    paths = {k: tmp_path / f"{k}.h5" for k in ("dataset", "inference", "unc", "crf")}
+    with h5py.File(paths["dataset"], "w") as f:
+        g = f.create_group("test")
+        write_ids(g, IDS)
+        g["images"] = rng.integers(0, 256, (len(IDS), R, R, 3), dtype=np.uint8)
+        g["masks"] = truth
+        g["orig_size"] = np.full((len(IDS), 2), R, np.int32)
+    with h5py.File(paths["inference"], "w") as f:
+        write_ids(f, IDS[::-1])
+        f["timesteps"] = np.array(INFERENCE["timesteps"], np.int32)
+        f["binary"] = binary
+        f["maps"] = binary.astype(np.float16)
+        f.attrs["seed"] = INFERENCE["seed"]
+    with h5py.File(paths["unc"], "w") as f:
+        write_ids(f, IDS)
+        f["consistency"] = binary.mean(axis=1).astype(np.float32)
+        f["ambiguity"] = binary.var(axis=1).astype(np.float32)
+        f["ged"] = np.linspace(0.1, 0.4, len(IDS))
+    with h5py.File(paths["crf"], "w") as f:
+        write_ids(f, IDS)
+        f["fused"] = truth
+        f["rounds"] = np.repeat(truth[:, None], 3, axis=1)
+    paths["csv"] = tmp_path / "metrics.csv"
+    rows = [{"id": i, "method": FINAL_METHOD, "dice": DICE[i], "ged_paper": 0.1} for i in IDS]
+    rows += [{"id": i, "method": "Otsu", "dice": 1.0 - DICE[i], "ged_paper": np.nan} for i in IDS]
+    pd.DataFrame(rows).to_csv(paths["csv"], index=False)
+    paths["checkpoint"] = tmp_path / "ddpm.pt"
+    tiny_checkpoint(paths["checkpoint"])
+    return paths
+
+
+def figures(paths, tmp_path, **kwargs):
+    return run_figures(paths["dataset"], paths["checkpoint"], paths["inference"], paths["unc"], paths["crf"],
+                       paths["csv"], tmp_path / "figures" / "summary.png", tmp_path / "figures" / "cases",
+                       split="test", inference=INFERENCE, dpi=DPI, **kwargs)
+
+
+def png_size(path):
+    assert path.stat().st_size > 0
+    with Image.open(path) as img:
+        return img.size
+
+
+def inches_to_px(size_in):
+    return tuple(round(s * DPI) for s in size_in)
+
+
+def test_default_cases_are_best_median_worst(inputs, tmp_path):
+    written = figures(inputs, tmp_path)
+    cases = tmp_path / "figures" / "cases"
+    # final Dice 0.9 (best), 0.6 (lower median of 4), 0.2 (worst); the Otsu rows are ignored
+    assert sorted(p.name for p in cases.iterdir()) == ["ISIC_0000001.png", "ISIC_0000002.png", "ISIC_0000003.png"]
+    assert written["cases"] == [str(cases / f"{i}.png") for i in ("ISIC_0000001", "ISIC_0000003", "ISIC_0000002")]
+    for path in cases.iterdir():
+        assert png_size(path) == inches_to_px(CASE_SIZE_IN)
+    assert png_size(tmp_path / "figures" / "summary.png") == inches_to_px(SUMMARY_SIZE_IN)
+
+
+def test_given_ids_give_one_png_each(inputs, tmp_path):
+    figures(inputs, tmp_path, ids=["ISIC_0000004"])
+    assert [p.name for p in (tmp_path / "figures" / "cases").iterdir()] == ["ISIC_0000004.png"]
+
+
+def test_unknown_id_names_it_and_the_split(inputs, tmp_path):
+    with pytest.raises(InputError, match="ISIC_0009999 missing from split 'test'"):
+        figures(inputs, tmp_path, ids=["ISIC_0009999"])
+
+
+def test_pick_cases_on_one_image():
+    final = pd.DataFrame({"id": ["a"], "dice": [0.5]})
+    assert pick_cases(final) == ["a"]
+
+
+def test_noise_panels_reproduce_the_inference_difference(tmp_path):
+    """|eps_c0 - eps_c1| of the figure's predictions equals eq. 2 as inference computes it (same x_t)."""
+    torch.set_num_threads(1)
+    net = tiny_checkpoint(tmp_path / "ddpm.pt")
+    alpha_bar = alpha_bar_tensor(DIFFUSION, torch.device("cpu"))
+    image = np.random.default_rng(1).integers(0, 256, (R, R, 3), dtype=np.uint8)
+    eps = predict_noise_pair(net, alpha_bar, image, "ISIC_0000007", 70, seed=3, noise_draws=1,
+                             device=torch.device("cpu"))
+    assert eps.shape == (2, 3, R, R)
+    noise = draw_noise(["ISIC_0000007"], 3, 1, (3, R, R))
+    expected = noise_difference(net, alpha_bar, to_model_input(image[None], torch.device("cpu")), [70], noise)
+    figure_diff = np.abs(eps[0] - eps[1]).mean(axis=0)
+    assert figure_diff.max() > 1e-3  # the labels really change the prediction
+    np.testing.assert_allclose(figure_diff, expected[0, 0].numpy(), atol=1e-5)
