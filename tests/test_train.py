@@ -244,7 +244,7 @@ def test_corrupt_or_foreign_checkpoints_are_named(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    for path, problem in [(truncated, "corrupt or truncated"), (garbage, "corrupt or truncated"),
+    for path, problem in [(truncated, "corrupt or truncated"), (garbage, "not a torch checkpoint"),
                           (foreign, "missing keys"), (tmp_path / "absent.pt", "not found")]:
         with pytest.raises(CheckpointError, match=problem) as err:
             load_checkpoint(path)

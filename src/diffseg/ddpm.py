@@ -49,7 +49,9 @@ def build_model(model_cfg: dict, image_size: int) -> ConditionalUNet:
     )
 
 
-def epsilon_loss(model, x0: torch.Tensor, y: torch.Tensor, alpha_bar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def epsilon_loss(
+    model, x0: torch.Tensor, y: torch.Tensor, alpha_bar: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Paper eq. 1: || eps_theta(sqrt(a_t) x0 + sqrt(1-a_t) eps, y, t) - eps ||^2, t ~ U{0..T-1}."""
     gen = device_generator(generator, x0.device)
     t = torch.randint(0, alpha_bar.shape[0], (x0.shape[0],), generator=gen, device=x0.device)
@@ -76,7 +78,7 @@ class PairSampler:
         self.memory_format = memory_format
         return self
 
-    def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.lesion.shape[0], (self.half,), generator=generator).to(self.lesion.device)
         lesion, healthy = (to_unit_range(a.index_select(0, idx)) for a in (self.lesion, self.healthy))
         if self.augment is not None:
@@ -172,7 +174,9 @@ def resume_path_for(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(checkpoint.name + ".resume.pt")
 
 
-def load_model(checkpoint: str | os.PathLike, device: str = "cpu", use_ema: bool = True) -> tuple[ConditionalUNet, dict]:
+def load_model(
+    checkpoint: str | os.PathLike, device: str = "cpu", use_ema: bool = True
+) -> tuple[ConditionalUNet, dict]:
     """(model in eval mode on `device`, the checkpoint's config) for inference; EMA weights by default."""
     ckpt = load_checkpoint(checkpoint, map_location="cpu", kind="ddpm")
     cfg = ckpt["config"]
@@ -180,5 +184,6 @@ def load_model(checkpoint: str | os.PathLike, device: str = "cpu", use_ema: bool
         net = build_model(cfg["model"], cfg["image_size"])
         net.load_state_dict(ckpt["ema" if use_ema else "model"])
     except (KeyError, ValueError, RuntimeError) as err:
-        raise CheckpointError(checkpoint, f"config and weights do not build a model ({type(err).__name__}: {err})") from err
+        problem = f"config and weights do not build a model ({type(err).__name__}: {err})"
+        raise CheckpointError(checkpoint, problem) from err
     return net.to(resolve_device(device)).eval(), cfg

@@ -75,7 +75,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(path, f"corrupt or truncated checkpoint, cannot be read ({type(err).__name__}: {err})") from err
+        problem = f"cannot be read: corrupt or truncated file, or not a torch checkpoint ({type(err).__name__}: {err})"
+        raise CheckpointError(path, problem) from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(path, f"not a diffseg checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
@@ -185,7 +186,8 @@ class Trainer:
         kind: str = "ddpm",
     ):
         if steps < 1 or checkpoint_every < 1 or log_every < 1:
-            raise ValueError(f"steps, checkpoint_every and log_every must be >= 1 (got {steps}, {checkpoint_every}, {log_every})")
+            raise ValueError(f"train: steps, checkpoint_every and log_every must be >= 1, "
+                             f"got {steps}, {checkpoint_every}, {log_every}")
         if evaluate is not None and not eval_every:
             raise ValueError("evaluate given without eval_every")
         if Path(resume_path) == Path(checkpoint):
@@ -200,7 +202,8 @@ class Trainer:
         self.checkpoint_every, self.log_every, self.seed = checkpoint_every, log_every, seed
         self.evaluate, self.eval_every, self.patience, self.maximize = evaluate, eval_every, patience, maximize
         self.kind = kind
-        self.memory_format = torch.channels_last if channels_last and self.device.type == "cuda" else torch.contiguous_format
+        on_cuda_cl = channels_last and self.device.type == "cuda"
+        self.memory_format = torch.channels_last if on_cuda_cl else torch.contiguous_format
 
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -320,14 +323,17 @@ class Trainer:
     def check_weights_finite(self) -> None:
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
         if not bool(finite):
-            raise RuntimeError(f"training stopped: non-finite weights at step {self.step}; {self.kept_checkpoint_text()}")
+            raise RuntimeError(
+                f"training stopped: non-finite weights at step {self.step}; {self.kept_checkpoint_text()}"
+            )
 
     def run_evaluation(self) -> bool:
         """Evaluate the EMA model; return True when patience is exhausted."""
         torch.manual_seed(step_seed(self.seed, -self.step))
         with torch.no_grad():
             metric = float(self.evaluate(self.ema))
-        improved = self.best_metric is None or (metric > self.best_metric if self.maximize else metric < self.best_metric)
+        best = self.best_metric
+        improved = best is None or (metric > best if self.maximize else metric < best)
         if improved:
             self.best_metric, self.evals_since_best = metric, 0
             self.best_ema = {k: v.detach().clone() for k, v in self.ema.state_dict().items()}

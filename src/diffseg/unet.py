@@ -217,8 +217,12 @@ class DoubleConv(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, padding: str):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, padding_mode=padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, padding_mode=padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, padding_mode=padding, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, padding_mode=padding, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
         )
 
 
@@ -227,7 +231,9 @@ class AttentionGate(nn.Module):
 
     def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int):
         super().__init__()
-        self.w_x = nn.Sequential(nn.Conv2d(skip_channels, inter_channels, 1, bias=False), nn.BatchNorm2d(inter_channels))
+        self.w_x = nn.Sequential(
+            nn.Conv2d(skip_channels, inter_channels, 1, bias=False), nn.BatchNorm2d(inter_channels)
+        )
         self.w_g = nn.Sequential(nn.Conv2d(gate_channels, inter_channels, 1), nn.BatchNorm2d(inter_channels))
         self.psi = nn.Sequential(nn.Conv2d(inter_channels, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())
 
@@ -253,7 +259,9 @@ class SegUNet(nn.Module):
         for w in widths:
             self.encoders.append(DoubleConv(cin, w, padding))
             cin = w
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
         self.decoders = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], padding) for i in reversed(range(depth)))
         self.gates = nn.ModuleList(
             AttentionGate(widths[i], widths[i], max(widths[i] // 2, 1)) if attention else nn.Identity()
