@@ -1,16 +1,16 @@
 """Noise-difference inference (eq. 2): batching, seeding, sharding, normalisation, inference.h5 layout."""
 
-import sys
-import types
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from scipy.stats import rankdata
 from torch import nn
 
 import diffseg
+import diffseg.inference
 from diffseg.imageio import InputError
 from diffseg.inference import (
     binarize,
@@ -18,7 +18,6 @@ from diffseg.inference import (
     noise_difference,
     normalise,
     run_inference,
-    shard_slice,
 )
 from diffseg.schedule import alpha_bars, linear_betas, q_sample
 
@@ -70,7 +69,7 @@ def write_dataset(path: Path, n: int = 7, res: int = RES, split: str = "test") -
 
 @pytest.fixture
 def fake_ddpm(monkeypatch, tmp_path):
-    """Replace diffseg.ddpm.load_model by a loader of StandIn checkpoints; returns the checkpoint path."""
+    """run_inference loads StandIn checkpoints instead of DDPM ones; returns the checkpoint path."""
     ckpt = tmp_path / "ddpm.pt"
     torch.save({"state": make_model().state_dict()}, ckpt)
     calls = {"n": 0}
@@ -81,7 +80,7 @@ def fake_ddpm(monkeypatch, tmp_path):
         model.load_state_dict(torch.load(checkpoint)["state"])
         return model.to(device).eval(), {"diffusion": dict(DIFFUSION), "image_size": RES, "model": {}}
 
-    monkeypatch.setitem(sys.modules, "diffseg.ddpm", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr(diffseg.inference, "load_model", load_model)
     return ckpt
 
 
@@ -197,13 +196,6 @@ def test_binarize_fixed_and_otsu():
             binarize(maps, bad)
 
 
-def test_shard_slice_matches_array_split():
-    for n, k in [(7, 4), (10, 3), (2, 4), (0, 2)]:
-        blocks = np.array_split(np.arange(n), k)
-        for shard in range(k):
-            np.testing.assert_array_equal(np.arange(n)[shard_slice(n, shard, k)], blocks[shard])
-
-
 # ----------------------------------------------------------------------------- run_inference
 
 
@@ -310,7 +302,7 @@ def test_input_errors_name_the_file(fake_ddpm, dataset, tmp_path):
     garbage.write_bytes(b"not hdf5")
     with pytest.raises(InputError, match="garbage.h5: not a readable HDF5 file"):
         run(garbage, fake_ddpm, tmp_path / "o.h5")
-    with pytest.raises(InputError, match=r"dataset.h5: no split 'val' \(has \['test'\]\)"):
+    with pytest.raises(InputError, match=r"dataset.h5: no group 'val' .*\['test'\]"):
         run(path, fake_ddpm, tmp_path / "o.h5", split="val")
     with pytest.raises(InputError, match="nope.pt: checkpoint file not found"):
         run(path, tmp_path / "nope.pt", tmp_path / "o.h5")
@@ -321,3 +313,80 @@ def test_input_errors_name_the_file(fake_ddpm, dataset, tmp_path):
     with pytest.raises(ValueError, match="shard 4 must lie in"):
         run(path, fake_ddpm, tmp_path / "o.h5", shard=4, n_shards=4)
     assert not (tmp_path / "o.h5").exists()
+
+
+# ----------------------------------------------------------------------------- end to end: the maps find lesions
+
+
+def synthetic_pair(rng: np.random.Generator, size: int = 32):
+    """(lesion image, its healthy twin, mask): shaded noisy skin, plus a dark irregular blob."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    skin = np.array([205, 150, 125], np.float32) + rng.normal(0, 8, 3)
+    shade = 12 * np.sin(xx / size * rng.uniform(1, 4) + rng.uniform(0, 6)) * np.cos(yy / size * rng.uniform(1, 4))
+    healthy = skin + shade[..., None] + rng.normal(0, 6, (size, size, 3))
+    cy, cx = rng.uniform(0.3, 0.7, 2) * size
+    angle = np.arctan2(yy - cy, xx - cx)
+    radius = rng.uniform(0.15, 0.28) * size * (1 + 0.25 * np.sin(rng.integers(2, 5) * angle + rng.uniform(0, 6)))
+    mask = np.hypot(yy - cy, xx - cx) < radius
+    lesion_colour = np.array([110, 70, 50], np.float32) + rng.normal(0, 10, 3)
+    image = np.where(mask[..., None], lesion_colour + rng.normal(0, 8, (size, size, 3)), healthy)
+    as_uint8 = lambda a: np.clip(a, 0, 255).astype(np.uint8)  # noqa: E731
+    return as_uint8(image), as_uint8(healthy), mask
+
+
+def write_synthetic_dataset(path: Path, n_train: int = 64, n_test: int = 12, size: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as fh:
+        for split, n in (("train", n_train), ("test", n_test)):
+            images, healthy, masks = map(np.stack, zip(*(synthetic_pair(rng, size) for _ in range(n))))
+            g = fh.create_group(split)
+            g.create_dataset("ids", data=np.asarray([f"{split}_{i}" for i in range(n)], dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            g.create_dataset("images", data=images)
+            g.create_dataset("masks", data=masks.astype(np.uint8))
+            g.create_dataset("orig_size", data=np.full((n, 2), size, dtype=np.int32))
+            if split == "train":
+                g.create_dataset("healthy", data=healthy)
+                g.create_dataset("has_healthy", data=np.ones(n, dtype=bool))
+        fh.attrs["resolution"] = size
+
+
+def pixel_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUROC from average ranks (ties count one half)."""
+    ranks = rankdata(scores.ravel())
+    positive = positive.ravel().astype(bool)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_pixel_auroc_rank_formula():
+    assert pixel_auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert pixel_auroc(np.array([1.0, 1.0, 2.0]), np.array([1, 0, 1])) == 0.75
+
+
+def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
+    """Train a tiny DDPM on synthetic lesion/twin pairs; the mean map over t ranks lesion pixels high.
+
+    Measured pooled AUROC 0.98-0.99 (training seeds 0-2, 100-150 steps), so 0.8 leaves a wide margin.
+    """
+    from diffseg.ddpm import train_ddpm
+
+    dataset_h5, ckpt = tmp_path / "dataset.h5", tmp_path / "ddpm.pt"
+    write_synthetic_dataset(dataset_h5)
+    no_augment = dict(hflip=True, vflip=False, rot90=False, rotate_deg=0.0, blur_prob=0.0, sharpen_prob=0.0)
+    train_ddpm(
+        dataset_h5, ckpt, tmp_path / "loss.csv", tmp_path / "loss.png",
+        model=dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], dropout=0.0),
+        augment=no_augment,
+        train=dict(steps=100, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.9, checkpoint_every=1000,
+                   device="cpu", precision="fp32"),
+    )
+    out = tmp_path / "test.h5"
+    run_inference(dataset_h5, ckpt, out, device="cpu")  # the default timesteps 60..150
+    with h5py.File(out, "r") as fh:
+        mean_map = fh["maps"][()].astype(np.float32).mean(axis=1)
+    with h5py.File(dataset_h5, "r") as fh:
+        masks = fh["test/masks"][()]
+    per_image = [pixel_auroc(m, g) for m, g in zip(mean_map, masks)]
+    assert pixel_auroc(mean_map, masks) > 0.8
+    assert min(per_image) > 0.7, per_image

@@ -22,9 +22,13 @@ import torch
 
 import diffseg
 from diffseg.atomic import atomic_path
+from diffseg.data import load_split
+from diffseg.ddpm import load_model
 from diffseg.imageio import InputError
 from diffseg.schedule import alpha_bars, linear_betas, q_sample
 from diffseg.seeding import image_generator
+from diffseg.shards import shard_indices
+from diffseg.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +155,6 @@ def postprocess_image(raw: np.ndarray, *, normalise: str = "p99", threshold: flo
 # ----------------------------------------------------------------------------- inputs and settings
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_autocast(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """bf16 autocast on CUDA for 'auto'; fp32 (None) on CPU unless asked explicitly."""
     if precision not in PRECISIONS:
@@ -200,34 +198,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def shard_slice(n: int, shard: int = 0, n_shards: int = 1) -> slice:
-    """The contiguous k-th block of n items, as np.array_split(range(n), n_shards)[shard]."""
-    sizes = [len(block) for block in np.array_split(np.arange(n), n_shards)]
-    start = sum(sizes[:shard])
-    return slice(start, start + sizes[shard])
-
-
-def open_split(dataset_h5: str | os.PathLike, split: str) -> tuple[h5py.File, h5py.Group]:
-    """Open dataset.h5 and its split group, with errors naming the file."""
-    path = Path(dataset_h5)
-    if not path.is_file():
-        raise InputError(path, "dataset file not found")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as err:
-        raise InputError(path, f"not a readable HDF5 file ({err})") from err
-    if split not in fh:
-        present = sorted(fh.keys())
-        fh.close()
-        raise InputError(path, f"no split {split!r} (has {present})")
-    group = fh[split]
-    missing = [k for k in ("ids", "images") if k not in group]
-    if missing:
-        fh.close()
-        raise InputError(path, f"split {split!r} lacks dataset(s) {missing}")
-    return fh, group
 
 
 def to_model_input(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -291,9 +261,9 @@ def infer_batches(
     return done
 
 
-def _read_batches(images: h5py.Dataset, rows: slice, batch_images: int) -> Iterable[np.ndarray]:
-    for start in range(rows.start, rows.stop, batch_images):
-        yield images[start : min(start + batch_images, rows.stop)]
+def _batches(images: np.ndarray, batch_images: int) -> Iterable[np.ndarray]:
+    for start in range(0, len(images), batch_images):
+        yield images[start : start + batch_images]
 
 
 def run_inference(
@@ -314,8 +284,6 @@ def run_inference(
     precision: str = "auto",
 ) -> dict:
     """Noise-difference maps for one shard of a split of dataset.h5 -> out_h5. Returns a summary."""
-    from diffseg.ddpm import load_model
-
     check_settings(
         shard=shard, n_shards=n_shards, noise_draws=noise_draws, normalise=normalise, threshold=threshold,
         batch_images=batch_images,
@@ -333,29 +301,26 @@ def run_inference(
     logger.info("inference on %s, autocast %s, %d timesteps, %d noise draw(s)", dev, autocast_dtype or "fp32",
                 len(timesteps), noise_draws)
 
-    src, group = open_split(dataset_h5, split)
-    with src:
-        all_ids = [s.decode() if isinstance(s, bytes) else str(s) for s in group["ids"][()]]
-        images = group["images"]
-        resolution = int(images.shape[1])
-        if resolution != int(cfg["image_size"]):
-            raise InputError(dataset_h5, f"images are {resolution} px but checkpoint {checkpoint} was trained "
-                                         f"at {cfg['image_size']} px")
-        rows = shard_slice(len(all_ids), shard, n_shards)
-        ids = all_ids[rows]
-        attrs = {
-            "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": threshold,
-            "normalise": normalise, "noise_draws": noise_draws, "seed": seed, "method": "paper", "T": T,
-            "diffseg_version": diffseg.__version__, "split": split, "shard": shard, "n_shards": n_shards,
-        }
-        start = time.perf_counter()
-        with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
-            create_output(out, ids, timesteps, resolution, attrs)
-            n = infer_batches(
-                model, alpha_bar, ids, _read_batches(images, rows, batch_images), out, timesteps=timesteps,
-                noise_draws=noise_draws, normalise=normalise, threshold=threshold, seed=seed,
-                autocast_dtype=autocast_dtype, device=dev,
-            )
+    data = load_split(dataset_h5, split)
+    resolution = int(data["images"].shape[1])
+    if resolution != int(cfg["image_size"]):
+        raise InputError(dataset_h5, f"images are {resolution} px but checkpoint {checkpoint} was trained "
+                                     f"at {cfg['image_size']} px")
+    rows = shard_indices(len(data["ids"]), shard, n_shards)  # a contiguous block
+    ids, images = [data["ids"][i] for i in rows], data["images"][rows]
+    attrs = {
+        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": threshold,
+        "normalise": normalise, "noise_draws": noise_draws, "seed": seed, "method": "paper", "T": T,
+        "diffseg_version": diffseg.__version__, "split": split,
+    }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
+    start = time.perf_counter()
+    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
+        create_output(out, ids, timesteps, resolution, attrs)
+        n = infer_batches(
+            model, alpha_bar, ids, _batches(images, batch_images), out, timesteps=timesteps,
+            noise_draws=noise_draws, normalise=normalise, threshold=threshold, seed=seed,
+            autocast_dtype=autocast_dtype, device=dev,
+        )
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))
     return {"out_h5": str(out_h5), "n_images": n, "seconds": seconds, "device": str(dev),
