@@ -55,3 +55,10 @@ def test_gather_csv_by_extension(tmp_path):
     pd.DataFrame({"id": ["b"], "ged": [0.2]}).to_csv(tmp_path / "1.csv", index=False)
     gather([str(tmp_path / "0.csv"), str(tmp_path / "1.csv")], [str(tmp_path / "all.csv")])
     assert pd.read_csv(tmp_path / "all.csv").to_dict("list") == {"id": ["a", "b"], "ged": [0.1, 0.2]}
+
+
+def test_shard_boundaries_fall_on_whole_blocks():
+    blocks = [shard_indices(10, k, 2, block=4).tolist() for k in range(2)]
+    assert blocks == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]]
+    assert shard_indices(3, 2, 4, block=4).tolist() == []
+    assert sorted(sum((shard_indices(23, k, 5, block=3).tolist() for k in range(5)), [])) == list(range(23))

@@ -306,7 +306,7 @@ def run_inference(
     if resolution != int(cfg["image_size"]):
         raise InputError(dataset_h5, f"images are {resolution} px but checkpoint {checkpoint} was trained "
                                      f"at {cfg['image_size']} px")
-    rows = shard_indices(len(data["ids"]), shard, n_shards)  # a contiguous block
+    rows = shard_indices(len(data["ids"]), shard, n_shards, block=batch_images)  # whole batches
     ids, images = [data["ids"][i] for i in rows], data["images"][rows]
     attrs = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": threshold,

@@ -20,11 +20,20 @@ from diffseg.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 
-def shard_indices(n_items: int, shard: int, n_shards: int) -> np.ndarray:
-    """Indices of shard ``shard`` of ``n_shards`` contiguous blocks (as np.array_split)."""
+def shard_indices(n_items: int, shard: int, n_shards: int, block: int = 1) -> np.ndarray:
+    """Indices of shard ``shard`` of ``n_shards`` contiguous blocks (as np.array_split).
+
+    Shard boundaries fall on multiples of ``block``: with block = the inference batch size, every
+    image meets the same batch mates whatever the shard count, so results are bit-identical (CPU
+    convolutions round differently with the batch's composition).
+    """
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard {shard} is outside 0..{n_shards - 1}")
-    return np.array_split(np.arange(n_items), n_shards)[shard]
+    n_blocks = -(-n_items // block)
+    blocks = np.array_split(np.arange(n_blocks), n_shards)[shard]
+    if len(blocks) == 0:
+        return np.arange(0)
+    return np.arange(blocks[0] * block, min((blocks[-1] + 1) * block, n_items))
 
 
 # Datasets that describe the run, not an image: equal in every shard, copied once.
