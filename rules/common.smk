@@ -49,6 +49,7 @@ check_config(config)
 R = config["results_dir"]
 SHARDS = config["shards"]
 ENV = "../envs/diffseg.yaml"
+CALIBRATION = f"{R}/calibration/calibration.h5"
 SPLITS = config["inference"]["splits"]
 EVAL_SPLIT = config["evaluate"]["split"]
 BASELINES = config["baselines"]["methods"]

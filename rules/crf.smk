@@ -2,6 +2,7 @@ rule crf_fusion:
     input:
         h5=f"{R}/data/dataset.h5",
         inference=shard_file("inference", "{split}", "{shard}"),
+        calibration=CALIBRATION,
     output:
         shard_file("crf", "{split}", "{shard}"),
     params:

@@ -4,6 +4,7 @@ rule evaluate:
         inference=expand(f"{R}/inference/{{split}}.h5", split=["val", EVAL_SPLIT]),
         uncertainty=f"{R}/uncertainty/{EVAL_SPLIT}.h5",
         crf=f"{R}/crf/{EVAL_SPLIT}.h5",
+        calibration=CALIBRATION,
         baselines=expand(f"{R}/baselines/{{baseline}}/{EVAL_SPLIT}.h5", baseline=BASELINES),
     output:
         per_image=f"{R}/metrics/{EVAL_SPLIT}.csv",
@@ -33,6 +34,7 @@ rule figures:
         uncertainty=f"{R}/uncertainty/{EVAL_SPLIT}.h5",
         crf=f"{R}/crf/{EVAL_SPLIT}.h5",
         per_image=f"{R}/metrics/{EVAL_SPLIT}.csv",
+        calibration=CALIBRATION,
     output:
         summary=report(f"{R}/figures/summary.png", category="Figures", caption="../report/summary.rst"),
         cases=report(

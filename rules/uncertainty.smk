@@ -1,6 +1,7 @@
 rule uncertainty:
     input:
-        shard_file("inference", "{split}", "{shard}"),
+        inference=shard_file("inference", "{split}", "{shard}"),
+        calibration=CALIBRATION,
     output:
         h5=shard_file("uncertainty", "{split}", "{shard}"),
         csv=shard_file("uncertainty", "{split}", "{shard}", ext="csv"),

@@ -392,3 +392,83 @@ def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
     per_image = [pixel_auroc(m, g) for m, g in zip(mean_map, masks)]
     assert pixel_auroc(mean_map, masks) > 0.8
     assert min(per_image) > 0.7, per_image
+
+
+# ----------------------------------------------------------------------------- reconstruction lever
+
+
+def test_ddim_timesteps_descend_from_t0():
+    from diffseg.inference import ddim_timesteps
+
+    assert ddim_timesteps(40, 4) == [40, 30, 20, 10]
+    assert ddim_timesteps(3, 5) == [3, 2, 1]  # fewer distinct steps than asked: no repeats
+    assert ddim_timesteps(0, 3) == [0]
+    with pytest.raises(ValueError, match="inference.recon_steps"):
+        ddim_timesteps(10, 0)
+
+
+def test_reconstruction_with_same_label_gives_exactly_zero():
+    from diffseg.inference import reconstruction_difference
+
+    images = torch.rand(2, 3, RES, RES) * 2 - 1
+    noise = draw_noise(["a", "b"], 0, 2, (3, RES, RES))
+    diff = reconstruction_difference(make_model(), alpha_bar(), images, TIMESTEPS, noise, labels=(1, 1), steps=3)
+    assert diff.shape == (2, len(TIMESTEPS), RES, RES)
+    assert torch.count_nonzero(diff) == 0
+    differs = reconstruction_difference(make_model(), alpha_bar(), images, TIMESTEPS, noise, steps=3)
+    assert differs.mean() > 1e-3
+
+
+def test_reconstruction_one_step_is_the_x0_prediction():
+    """steps=1: x0_c = clamp((x_t - sqrt(1-a) eps_c) / sqrt(a)); the map is their channel-mean difference."""
+    from diffseg.inference import reconstruction_difference
+
+    model, abar = make_model(), alpha_bar()
+    images = torch.rand(1, 3, RES, RES) * 2 - 1
+    noise = draw_noise(["a"], 0, 1, (3, RES, RES))
+    got = reconstruction_difference(model, abar, images, [20], noise, steps=1)
+    tt = torch.tensor([20])
+    x_t = q_sample(images, tt, noise[:, 0], abar)
+    with torch.no_grad():
+        x0 = [((x_t - (1 - abar[20]).sqrt() * model(x_t, tt, torch.tensor([c]))) / abar[20].sqrt()).clamp(-1, 1)
+              for c in (0, 1)]
+    torch.testing.assert_close(got[0, 0], (x0[0] - x0[1]).abs().mean(dim=1)[0], atol=1e-5, rtol=1e-5)
+    to_input = reconstruction_difference(model, abar, images, [20], noise, steps=1, compare="input")
+    torch.testing.assert_close(to_input[0, 0], (x0[0] - images).abs().mean(dim=1)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_reconstruction_batch_invariant():
+    from diffseg.inference import reconstruction_difference
+
+    model, abar = make_model(), alpha_bar()
+    images = torch.rand(3, 3, RES, RES) * 2 - 1
+    noise = draw_noise(list("abc"), 0, 1, (3, RES, RES))
+    together = reconstruction_difference(model, abar, images, TIMESTEPS, noise, steps=4)
+    alone = torch.cat([reconstruction_difference(model, abar, images[i:i + 1], TIMESTEPS, noise[i:i + 1], steps=4)
+                       for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_reconstruct_shards_gather_bit_identical(fake_ddpm, dataset, tmp_path):
+    from diffseg.shards import gather
+
+    path, _ = dataset
+    kw = dict(method="reconstruct", recon_steps=3, batch_images=2)
+    run(path, fake_ddpm, tmp_path / "all.h5", **kw)
+    whole, attrs = read_all(tmp_path / "all.h5")
+    assert attrs["method"] == "reconstruct" and attrs["recon_steps"] == 3
+    parts = [tmp_path / f"s{k}.h5" for k in range(3)]
+    for k, part in enumerate(parts):
+        run(path, fake_ddpm, part, shard=k, n_shards=3, **kw)
+    gather([str(p) for p in parts], [str(tmp_path / "gathered.h5")])
+    gathered, _ = read_all(tmp_path / "gathered.h5")
+    for key in whole:
+        np.testing.assert_array_equal(gathered[key], whole[key], err_msg=key)
+
+
+def test_bad_reconstruction_settings_name_the_key(fake_ddpm, dataset, tmp_path):
+    path, _ = dataset
+    with pytest.raises(ValueError, match="inference.method"):
+        run(path, fake_ddpm, tmp_path / "x.h5", method="bogus")
+    with pytest.raises(ValueError, match="inference.recon_compare"):
+        run(path, fake_ddpm, tmp_path / "x.h5", method="reconstruct", recon_compare="c0")

@@ -25,6 +25,7 @@ from pydensecrf.utils import unary_from_softmax
 from tqdm import tqdm
 
 from diffseg.atomic import atomic_path
+from diffseg.calibration import PAPER, Calibration, apply_calibration, load_calibration
 from diffseg.imageio import InputError, write_mask_png
 from diffseg.seeding import image_rng
 
@@ -136,23 +137,30 @@ def _match_split(dataset_h5, split: str, ids: np.ndarray, resolution: int, infer
     return rows, orig_size[rows]
 
 
-def _fuse_chunk(job: tuple, *, dataset_h5, inference_h5, split, png_dir, seed, fusion_kwargs) -> tuple:
-    """Fuse images start..stop of inference.h5 (one worker task) and write their PNGs."""
+def _fuse_chunk(job: tuple, *, dataset_h5, inference_h5, split, png_dir, seed, fusion_kwargs,
+                calibrations: tuple[Calibration, ...] = (PAPER,)) -> list[tuple]:
+    """Fuse images start..stop of inference.h5 once per calibration (one worker task); PNGs of the first.
+
+    Each calibration turns the stored maps into the CRF's lesion probabilities (diffseg.calibration);
+    every calibration of an image uses the same subset draws (a fresh rng from the same seed).
+    """
     start, stop, rows, orig_sizes = job
-    fused, rounds = [], []
+    results = [([], []) for _ in calibrations]
     with h5py.File(dataset_h5, "r") as data, h5py.File(inference_h5, "r") as inf:
         ids = inf["ids"].asstr()[start:stop]
         for k, image_id in enumerate(ids):
             image = data[split]["images"][rows[k]]
-            mask, per_round = crf_fusion(image, inf["maps"][start + k], image_rng(seed, image_id),
-                                         **fusion_kwargs)
-            fused.append(mask)
-            rounds.append(per_round)
-    rounds = np.stack(rounds)
+            maps = inf["maps"][start + k]
+            for (fused, rounds), cal in zip(results, calibrations):
+                prob, _ = apply_calibration(maps, cal)
+                mask, per_round = crf_fusion(image, prob, image_rng(seed, image_id), **fusion_kwargs)
+                fused.append(mask)
+                rounds.append(per_round)
+    out = [(np.stack(fused).astype(np.uint8), np.stack(rounds)) for fused, rounds in results]
     if png_dir is not None:
-        write_original_size_pngs(ids, rounds.mean(axis=1), orig_sizes, png_dir,
+        write_original_size_pngs(ids, out[0][1].mean(axis=1), orig_sizes, png_dir,
                                  threshold=fusion_kwargs["threshold"])
-    return np.stack(fused).astype(np.uint8), rounds
+    return out
 
 
 def _jobs(n: int, threads: int, rows: np.ndarray, orig_sizes: np.ndarray) -> list[tuple]:
@@ -177,43 +185,55 @@ def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_
             png_dir: str | os.PathLike | None, *, split: str = "test", threads: int = 1, rounds: int = 3,
             subset_size: int = 4, iterations: int = 5, gaussian_sxy: float = 3,
             gaussian_compat: float = 3, bilateral_sxy: float = 80, bilateral_srgb: float = 13,
-            bilateral_compat: float = 10, seed: int = 0, threshold: float = 0.5) -> dict:
+            bilateral_compat: float = 10, seed: int = 0, threshold: float = 0.5,
+            calibration_h5: str | os.PathLike | None = None) -> dict:
     """CRF fusion of every image in inference.h5; writes crf/{split}.h5 and original-size PNG masks.
 
-    With ``png_dir=None`` no PNG is written (the workflow exports them after gathering shards).
+    The CRF's lesion probabilities come from the calibration in ``calibration_h5`` (None = the paper's
+    identity: the normalised maps). With a non-paper calibration the paper-faithful fusion is written
+    too, as ``paper_fused``/``paper_rounds``. With ``png_dir=None`` no PNG is written (the workflow
+    exports them after gathering shards).
     """
     if threads < 1:
         raise ValueError(f"crf.threads = {threads} must be at least 1")
     ids, (n, n_maps, res, _) = _read_inference(inference_h5)
     _check_subset(subset_size, n_maps)
     rows, orig_sizes = _match_split(dataset_h5, split, ids, res, inference_h5)
+    cal = load_calibration(calibration_h5) if calibration_h5 is not None else PAPER
+    calibrations = (cal,) if cal.method == "paper" else (cal, PAPER)
     fusion_kwargs = dict(rounds=rounds, subset_size=subset_size, threshold=threshold,
                          iterations=iterations, gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
                          bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
                          bilateral_compat=bilateral_compat)
     task = partial(_fuse_chunk, dataset_h5=str(dataset_h5), inference_h5=str(inference_h5), split=split,
-                   png_dir=None if png_dir is None else str(png_dir), seed=seed, fusion_kwargs=fusion_kwargs)
-    fused = np.empty((n, res, res), np.uint8)
-    per_round = np.empty((n, rounds, res, res), np.uint8)
+                   png_dir=None if png_dir is None else str(png_dir), seed=seed, fusion_kwargs=fusion_kwargs,
+                   calibrations=calibrations)
+    fused = np.empty((len(calibrations), n, res, res), np.uint8)
+    per_round = np.empty((len(calibrations), n, rounds, res, res), np.uint8)
     jobs = _jobs(n, threads, rows, orig_sizes)
     began = time.perf_counter()
     with tqdm(total=n, desc=f"crf {split}", mininterval=5, unit="img") as bar:
-        for (start, stop, *_), (chunk_fused, chunk_rounds) in zip(jobs, _run_jobs(task, jobs, threads)):
-            fused[start:stop], per_round[start:stop] = chunk_fused, chunk_rounds
+        for (start, stop, *_), chunk in zip(jobs, _run_jobs(task, jobs, threads)):
+            for c, (chunk_fused, chunk_rounds) in enumerate(chunk):
+                fused[c, start:stop], per_round[c, start:stop] = chunk_fused, chunk_rounds
             bar.update(stop - start)
     seconds = time.perf_counter() - began
-    _write_crf_h5(out_h5, ids, fused, per_round, {**fusion_kwargs, "seed": seed, "split": split,
-                                                   "inference": str(inference_h5)})
+    extra = {"paper_fused": fused[1], "paper_rounds": per_round[1]} if len(calibrations) > 1 else {}
+    _write_crf_h5(out_h5, ids, fused[0], per_round[0], {**fusion_kwargs, "seed": seed, "split": split,
+                                                         "inference": str(inference_h5),
+                                                         "calibration": cal.method}, extra)
     summary = {"n_images": int(n), "seconds": seconds, "images_per_s": n / seconds,
-               "mean_lesion_fraction": float(fused.mean())}
+               "mean_lesion_fraction": float(fused[0].mean())}
     logger.info("crf fusion: %s", summary)
     return summary
 
 
-def _write_crf_h5(out_h5, ids, fused: np.ndarray, per_round: np.ndarray, attrs: dict) -> None:
+def _write_crf_h5(out_h5, ids, fused: np.ndarray, per_round: np.ndarray, attrs: dict, extra: dict | None = None) -> None:
     res = fused.shape[1]
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("fused", data=fused, compression="gzip", chunks=(1, res, res))
         f.create_dataset("rounds", data=per_round, compression="gzip", chunks=(1, *per_round.shape[1:]))
+        for name, data in (extra or {}).items():
+            f.create_dataset(name, data=data, compression="gzip", chunks=(1, *data.shape[1:]))
         f.attrs.update(attrs)

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from diffseg.atomic import atomic_path
+from diffseg.calibration import Calibration, apply_calibration, load_calibration, vote
 from diffseg.imageio import InputError
 from diffseg.metrics import METRICS, aggregate, mask_metrics
 from diffseg.uncertainty import ged_kohl
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 BEST_T_METHOD = "DiffSeg, best single timestep"
 MEAN_METHOD = "DiffSeg, mean of outputs thresholded"
 FINAL_METHOD = "DiffSeg + CRF fusion"
+PAPER = "DiffSeg as written (paper)"  # the faithful rows, shown beside the calibrated ones
+PAPER_BEST_T_METHOD = f"{PAPER}, best single timestep"
+PAPER_MEAN_METHOD = f"{PAPER}, mean of outputs thresholded"
+PAPER_FINAL_METHOD = f"{PAPER} + CRF fusion"
 BASELINE_NAMES = {"otsu": "Otsu", "unet": "U-Net (supervised)",
                   "attention_unet": "Attention U-Net (supervised)"}
 PER_FILE_KEYS = ("timesteps",)  # datasets with one value per file, not per image
@@ -162,27 +167,55 @@ def _method_table(name: str, ids, preds: np.ndarray, truth: np.ndarray, extra: p
     return table
 
 
-def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth) -> tuple[list, int]:
-    """Per-image tables of the three DiffSeg rows, and the timestep chosen on val."""
+def calibrated_binary(maps: np.ndarray, cal: Calibration) -> np.ndarray:
+    """(N, T, H, W) uint8 binary outputs of every image's maps through diffseg.calibration.apply_calibration."""
+    return np.stack([apply_calibration(m, cal)[1] for m in maps]) if len(maps) else np.zeros_like(maps, np.uint8)
+
+
+def _read_crf(crf_h5, ids, truth, prefix: str = "") -> tuple[dict, np.ndarray]:
+    crf = read_h5(crf_h5, [f"{prefix}fused", f"{prefix}rounds"])
+    crf["fused"], crf["rounds"] = crf.pop(f"{prefix}fused"), crf.pop(f"{prefix}rounds")
+    fused = crf["fused"][match_rows(ids, crf["ids"], crf_h5)]
+    _check_resolution(fused, truth, crf_h5, f"{prefix}fused")
+    return crf, fused
+
+
+def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth,
+                    calibration_h5=None) -> tuple[list, dict]:
+    """Per-image tables of the DiffSeg rows (configured rows first, final row third), timestep per best-t row.
+
+    The configured rows use the calibration (diffseg.calibration); when it is not the paper's identity,
+    the paper-faithful rows (stored binary outputs, CRF on the raw maps) follow.
+    """
     if len(inference_h5s) != 2:
         raise ValueError(f"evaluate: inference_h5s must be [val file, {split} file], got {list(inference_h5s)}")
     val_h5, eval_h5 = inference_h5s
-    best_t, _, _ = choose_timestep_on_val(dataset_h5, val_h5)
-    inf = read_h5(eval_h5, ["binary", "timesteps"])
+    paper_t, _, _ = choose_timestep_on_val(dataset_h5, val_h5)
+    cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
+    calibrated = cal is not None and cal.method != "paper"
+    inf = read_h5(eval_h5, ["binary", "timesteps", *(["maps"] if calibrated else [])])
     _check_split_attr(eval_h5, inf["attrs"], split)
-    binary = inf["binary"][match_rows(ids, inf["ids"], eval_h5)]
-    _check_resolution(binary, truth, eval_h5, "binary")
-    crf = read_h5(crf_h5, ["fused", "rounds"])
-    fused = crf["fused"][match_rows(ids, crf["ids"], crf_h5)]
-    _check_resolution(fused, truth, crf_h5, "fused")
+    rows = match_rows(ids, inf["ids"], eval_h5)
+    paper_binary = inf["binary"][rows]
+    _check_resolution(paper_binary, truth, eval_h5, "binary")
+    binary = calibrated_binary(inf["maps"][rows].astype(np.float32), cal) if calibrated else paper_binary
+    best_t = cal.best_timestep if calibrated else paper_t
+    crf, fused = _read_crf(crf_h5, ids, truth)
     unc = read_h5(uncertainty_h5, ["consistency", "ged"])
     extra = _uncertainty_columns(ids, binary, truth, unc, uncertainty_h5, crf, crf_h5)
-    tables = [
-        _method_table(BEST_T_METHOD, ids, binary[:, _timestep_column(inf["timesteps"], best_t, eval_h5)], truth),
-        _method_table(MEAN_METHOD, ids, binary.mean(axis=1) >= 0.5, truth),
-        _method_table(FINAL_METHOD, ids, fused, truth, extra),
-    ]
-    return tables, best_t
+    column = _timestep_column(inf["timesteps"], best_t, eval_h5)
+    tables = [_method_table(BEST_T_METHOD, ids, binary[:, column], truth),
+              _method_table(MEAN_METHOD, ids, binary.mean(axis=1) >= 0.5, truth),
+              _method_table(FINAL_METHOD, ids, fused, truth, extra)]
+    timesteps = {BEST_T_METHOD: best_t}
+    if calibrated:
+        _, paper_fused = _read_crf(crf_h5, ids, truth, prefix="paper_")
+        paper_column = _timestep_column(inf["timesteps"], paper_t, eval_h5)
+        tables += [_method_table(PAPER_BEST_T_METHOD, ids, paper_binary[:, paper_column], truth),
+                   _method_table(PAPER_MEAN_METHOD, ids, paper_binary.mean(axis=1) >= 0.5, truth),
+                   _method_table(PAPER_FINAL_METHOD, ids, paper_fused, truth)]
+        timesteps[PAPER_BEST_T_METHOD] = paper_t
+    return tables, timesteps
 
 
 def _baseline_table(name: str, path, ids, truth) -> pd.DataFrame:
@@ -199,11 +232,11 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
-def _results_table(means: dict, best_t: int) -> list[str]:
+def _results_table(means: dict, best_t: dict) -> list[str]:
     headers = [*METRIC_HEADERS.values(), "GED (Kohl, vs truth)", "GED (paper)"]
     lines = ["| method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for method, m in means.items():
-        label = f"{method} (t = {best_t}, chosen on val)" if method == BEST_T_METHOD else method
+        label = f"{method} (t = {best_t[method]}, chosen on val)" if method in best_t else method
         cells = [_fmt(m[k]) for k in METRIC_HEADERS] + [_fmt(m.get("ged_kohl")), _fmt(m.get("ged_paper"))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -229,7 +262,7 @@ def _published_section() -> list[str]:
     return lines
 
 
-def render_table(means: dict, final: pd.DataFrame, split: str, best_t: int, fail_dice: float) -> str:
+def render_table(means: dict, final: pd.DataFrame, split: str, best_t: dict, fail_dice: float) -> str:
     """The markdown of table.md."""
     lines = [f"# Segmentation results on split '{split}' (n = {len(final)} images)", "",
              "Per-image metrics, macro-averaged (ISIC 2018 conventions).", ""]
@@ -253,10 +286,12 @@ def _macro_means(tables: list[pd.DataFrame]) -> dict[str, dict[str, float]]:
 def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os.PathLike],
                  uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike, baselines: dict,
                  per_image_csv: str | os.PathLike, table_md: str | os.PathLike, *, split: str = "test",
-                 fail_dice: float = 0.7) -> dict[str, dict[str, float]]:
+                 fail_dice: float = 0.7, calibration_h5: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
     """Score every method on ``split``; write the per-image CSV and table.md. Returns macro means per method.
 
-    The best-timestep row's dict also holds its ``timestep`` (chosen on val).
+    ``calibration_h5`` (rule calibrate) turns the maps into the configured outputs; None = the paper's
+    identity (the stored binary outputs). Each best-timestep row's dict also holds its ``timestep``
+    (chosen on val).
     """
     if split == "val":
         logger.warning("evaluating on 'val', the split the best timestep is chosen on: that row is optimistic")
@@ -264,7 +299,8 @@ def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os
     ids, truth = truth_data["ids"], truth_data["masks"].astype(bool)
     if not ids:
         raise InputError(dataset_h5, f"split '{split}' holds no images")
-    tables, best_t = _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth)
+    tables, best_t = _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth,
+                                     calibration_h5)
     tables += [_baseline_table(name, path, ids, truth) for name, path in baselines.items()]
     per_image = pd.concat(tables, ignore_index=True)
     means = _macro_means(tables)
@@ -273,6 +309,7 @@ def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os
         per_image.to_csv(tmp, index=False)
     with atomic_path(table_md) as tmp:
         tmp.write_text(render_table(means, final, split, best_t, fail_dice))
-    means[BEST_T_METHOD]["timestep"] = best_t
+    for method, t in best_t.items():
+        means[method]["timestep"] = t
     logger.info("evaluate %s: %s", split, {k: round(v["dice"], 3) for k, v in means.items()})
     return means

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from diffseg.atomic import atomic_path
+from diffseg.calibration import apply_calibration, load_calibration
 from diffseg.evaluate import FINAL_METHOD, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.inference import (alpha_bar_tensor, check_timesteps, draw_noise, resolve_autocast, resolve_device,
@@ -56,11 +57,18 @@ def pick_cases(final: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(str(p) for p in picks))
 
 
-def load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split: str, ids: Sequence[str]) -> dict:
-    """Arrays of the chosen images, in ``ids`` order; an unknown id is an error naming it and the split."""
+def load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split: str, ids: Sequence[str],
+                   calibration_h5=None) -> dict:
+    """Arrays of the chosen images, in ``ids`` order; an unknown id is an error naming it and the split.
+
+    The binary outputs are the calibration's (diffseg.calibration; None = inference's stored ones).
+    """
     data = read_h5(dataset_h5, ["images", "masks"], group=split)
     rows = match_rows(ids, data["ids"], dataset_h5, f" from split '{split}'")
-    inf = read_h5(inference_h5, ["binary", "timesteps"])
+    cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
+    inf = read_h5(inference_h5, ["binary", "timesteps", *(["maps"] if cal is not None else [])])
+    if cal is not None:
+        inf["binary"] = np.stack([apply_calibration(m, cal)[1] for m in inf["maps"].astype(np.float32)])
     unc = read_h5(uncertainty_h5, ["consistency", "ambiguity", "ged"])
     crf = read_h5(crf_h5, ["fused"])
     inf_rows = match_rows(ids, inf["ids"], inference_h5)
@@ -209,13 +217,13 @@ def run_figures(dataset_h5: str | os.PathLike, checkpoint: str | os.PathLike, in
                 uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike, per_image_csv: str | os.PathLike,
                 summary_png: str | os.PathLike, cases_dir: str | os.PathLike, *, split: str = "test",
                 inference: dict | None = None, ids: Sequence[str] = (), dpi: int = 120,
-                fail_dice: float = 0.7) -> dict:
+                fail_dice: float = 0.7, calibration_h5: str | os.PathLike | None = None) -> dict:
     """Write the summary PNG and one <id>.png per chosen image into cases_dir. Returns the paths written."""
     settings = {**INFERENCE_DEFAULTS, **{k: v for k, v in (inference or {}).items() if k in INFERENCE_DEFAULTS}}
     final = read_final_rows(per_image_csv)
     draw_summary(final, summary_png, fail_dice=fail_dice, dpi=dpi)
     chosen = [str(i) for i in ids] or pick_cases(final)
-    data = load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split, chosen)
+    data = load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split, chosen, calibration_h5)
     _warn_if_seed_differs(data["inference_attrs"], settings["seed"], inference_h5)
     model, alpha_bar, device, autocast_dtype, T = _load_model(checkpoint, settings, data["images"].shape[1])
     timesteps = check_timesteps(data["timesteps"], T)

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
 NORMALISE_METHODS = ("p99", "max", "none")
+INFERENCE_METHODS = ("paper", "reconstruct")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -88,6 +89,78 @@ def noise_difference(
             eps_c0, eps_c1 = pred.float().chunk(2)
             total += (eps_c0 - eps_c1).abs().mean(dim=1).reshape(b, n_t, h, w)
     return total / noise.shape[1]
+
+
+def ddim_timesteps(t0: int, steps: int) -> list[int]:
+    """The model steps of a deterministic DDIM path from t0 down to 0: ``steps`` distinct values, t0 first."""
+    if steps < 1:
+        raise ValueError(f"inference.recon_steps must be >= 1, got {steps}")
+    path = np.unique(np.round(np.linspace(0, t0, steps + 1)[1:]).astype(int))[::-1]
+    return [int(t) for t in path] if t0 > 0 else [0]
+
+
+def reconstruction_difference(
+    model: torch.nn.Module,
+    alpha_bar: torch.Tensor,
+    images: torch.Tensor,
+    timesteps: Sequence[int],
+    noise: torch.Tensor,
+    labels: tuple[int, int] = (0, 1),
+    *,
+    steps: int = 5,
+    compare: str = "c1",
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(B, T, H, W) float32: region-level difference after DDIM-denoising x_t0 toward each label.
+
+    For each t0 in ``timesteps``: x_t0 = q_sample(image, t0, eps); deterministic DDIM (eta = 0) in
+    ``steps`` steps down to x0 under labels[0] (healthy) and labels[1] (lesion), all images x t0 x
+    labels in one forward call per step. The map is the channel mean of |x0_c0 - x0_c1|
+    (``compare="c1"``) or |image - x0_c0| (``compare="input"``), averaged over the noise draws.
+    Identical labels give exactly zero with ``compare="c1"``.
+    """
+    if compare not in ("c1", "input"):
+        raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {compare!r}")
+    b, _, h, w = images.shape
+    if noise.ndim != 5 or noise.shape[0] != b or tuple(noise.shape[2:]) != tuple(images.shape[1:]):
+        raise ValueError(f"noise must have shape (B={b}, D, 3, {h}, {w}), got {tuple(noise.shape)}")
+    device, n_t = images.device, len(timesteps)
+    paths = [ddim_timesteps(int(t0), steps) for t0 in timesteps]
+    n_steps = max(len(p) for p in paths)
+    paths = [p + [-1] * (n_steps - len(p)) for p in paths]  # -1: this t0's path is already at x0
+    x0_flat = images.repeat_interleave(n_t, dim=0)
+    y = torch.cat([torch.full((b * n_t,), label, dtype=torch.long, device=device) for label in labels])
+    total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        for d in range(noise.shape[1]):
+            eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
+            t_first = torch.as_tensor([p[0] for p in paths], dtype=torch.long, device=device).repeat(b)
+            x = torch.cat([q_sample(x0_flat, t_first, eps, alpha_bar)] * 2)
+            for k in range(n_steps):
+                x = _ddim_step(model, alpha_bar, x, paths, k, b, y, autocast_dtype)
+            x0_c0, x0_c1 = x.float().chunk(2)
+            other = x0_c1 if compare == "c1" else x0_flat.float()
+            total += (x0_c0 - other).abs().mean(dim=1).reshape(b, n_t, h, w)
+    return total / noise.shape[1]
+
+
+def _ddim_step(model, alpha_bar, x, paths, k, b, y, autocast_dtype):
+    """One deterministic DDIM step of every path at step k (a path already at x0 stays unchanged)."""
+    device = x.device
+    now = torch.as_tensor([p[k] for p in paths], dtype=torch.long, device=device).repeat(2 * b)
+    nxt = torch.as_tensor([p[k + 1] if k + 1 < len(p) else -1 for p in paths], dtype=torch.long,
+                          device=device).repeat(2 * b)
+    active = now >= 0
+    if not bool(active.any()):
+        return x
+    x_in = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    with _autocast(device, autocast_dtype):
+        eps = model(x_in, now.clamp(min=0), y).float()
+    a_now = alpha_bar[now.clamp(min=0)].view(-1, 1, 1, 1)
+    a_next = torch.where(nxt >= 0, alpha_bar[nxt.clamp(min=0)], torch.ones_like(alpha_bar[:1])).view(-1, 1, 1, 1)
+    x0_hat = ((x.float() - (1 - a_now).sqrt() * eps) / a_now.sqrt()).clamp(-1.0, 1.0)
+    stepped = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps
+    return torch.where(active.view(-1, 1, 1, 1), stepped, x.float())
 
 
 # ----------------------------------------------------------------------------- per-image post-processing
@@ -180,7 +253,8 @@ def check_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
     return timesteps
 
 
-def check_settings(*, shard: int, n_shards: int, noise_draws: int, normalise: str, threshold, batch_images: int):
+def check_settings(*, shard: int, n_shards: int, noise_draws: int, normalise: str, threshold, batch_images: int,
+                   method: str = "paper", recon_steps: int = 5, recon_compare: str = "c1"):
     if n_shards < 1 or not 0 <= shard < n_shards:
         raise ValueError(f"inference shard {shard} must lie in [0, n_shards={n_shards})")
     if noise_draws < 1:
@@ -190,6 +264,12 @@ def check_settings(*, shard: int, n_shards: int, noise_draws: int, normalise: st
     if normalise not in NORMALISE_METHODS:
         raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {normalise!r}")
     _check_threshold(threshold)
+    if method not in INFERENCE_METHODS:
+        raise ValueError(f"inference.method must be one of {INFERENCE_METHODS}, got {method!r}")
+    if recon_steps < 1:
+        raise ValueError(f"inference.recon_steps must be >= 1, got {recon_steps}")
+    if recon_compare not in ("c1", "input"):
+        raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {recon_compare!r}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -239,8 +319,14 @@ def infer_batches(
     autocast_dtype: torch.dtype | None = None,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
+    method: str = "paper",
+    recon_steps: int = 5,
+    recon_compare: str = "c1",
 ) -> int:
-    """Run eq. 2 on consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count."""
+    """Difference maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count.
+
+    ``method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference.
+    """
     from tqdm.auto import tqdm
 
     done = 0
@@ -249,7 +335,11 @@ def infer_batches(
             batch_ids = ids[done : done + len(batch)]
             images = to_model_input(batch, device)
             noise = draw_noise(batch_ids, seed, noise_draws, images.shape[1:])
-            raw = noise_difference(model, alpha_bar, images, timesteps, noise, autocast_dtype=autocast_dtype)
+            if method == "paper":
+                raw = noise_difference(model, alpha_bar, images, timesteps, noise, autocast_dtype=autocast_dtype)
+            else:
+                raw = reconstruction_difference(model, alpha_bar, images, timesteps, noise, steps=recon_steps,
+                                                compare=recon_compare, autocast_dtype=autocast_dtype)
             raw = raw.cpu().numpy()
             processed = [postprocess_image(r, normalise=normalise, threshold=threshold) for r in raw]
             out["maps"][done : done + len(batch)] = np.stack([p.maps for p in processed]).astype(np.float16)
@@ -282,11 +372,14 @@ def run_inference(
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
+    method: str = "paper",
+    recon_steps: int = 5,
+    recon_compare: str = "c1",
 ) -> dict:
-    """Noise-difference maps for one shard of a split of dataset.h5 -> out_h5. Returns a summary."""
+    """Difference maps (``method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5. Returns a summary."""
     check_settings(
         shard=shard, n_shards=n_shards, noise_draws=noise_draws, normalise=normalise, threshold=threshold,
-        batch_images=batch_images,
+        batch_images=batch_images, method=method, recon_steps=recon_steps, recon_compare=recon_compare,
     )
     if not Path(checkpoint).is_file():
         raise InputError(checkpoint, "checkpoint file not found")
@@ -310,7 +403,8 @@ def run_inference(
     ids, images = [data["ids"][i] for i in rows], data["images"][rows]
     attrs = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": threshold,
-        "normalise": normalise, "noise_draws": noise_draws, "seed": seed, "method": "paper", "T": T,
+        "normalise": normalise, "noise_draws": noise_draws, "seed": seed, "method": method, "T": T,
+        "recon_steps": recon_steps, "recon_compare": recon_compare,
         "diffseg_version": diffseg.__version__, "split": split,
     }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
     start = time.perf_counter()
@@ -319,7 +413,8 @@ def run_inference(
         n = infer_batches(
             model, alpha_bar, ids, _batches(images, batch_images), out, timesteps=timesteps,
             noise_draws=noise_draws, normalise=normalise, threshold=threshold, seed=seed,
-            autocast_dtype=autocast_dtype, device=dev,
+            autocast_dtype=autocast_dtype, device=dev, method=method, recon_steps=recon_steps,
+            recon_compare=recon_compare,
         )
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))

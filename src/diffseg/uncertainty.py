@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from diffseg.atomic import atomic_path
+from diffseg.calibration import apply_calibration, load_calibration
 from diffseg.imageio import InputError
 
 logger = logging.getLogger(__name__)
@@ -99,16 +100,26 @@ def _read_binary(inference_h5: str | os.PathLike) -> tuple[np.ndarray, h5py.Data
 
 
 def run_uncertainty(inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
-                    out_csv: str | os.PathLike) -> dict:
-    """Consistency, ambiguity and paper GED for every image of inference.h5; writes HDF5 and CSV."""
+                    out_csv: str | os.PathLike, calibration_h5: str | os.PathLike | None = None) -> dict:
+    """Consistency, ambiguity and paper GED for every image of inference.h5; writes HDF5 and CSV.
+
+    The binary outputs are those of the calibration in ``calibration_h5`` (diffseg.calibration);
+    None or a 'paper' calibration = the binary outputs stored by inference.
+    """
+    cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
     ids, binary, f = _read_binary(inference_h5)
     with f:
+        if cal is not None and cal.method != "paper" and "maps" not in f:
+            raise InputError(inference_h5, "missing dataset 'maps' (needed by the calibration)")
         n, _, r, _ = binary.shape
         cons = np.empty((n, r, r), np.float32)
         amb = np.empty((n, r, r), np.float32)
         ged = np.empty(n, np.float64)
         for i in range(n):  # one image at a time: the whole (N, T, R, R) stack may not fit in memory
-            outputs = binary[i]
+            if cal is None or cal.method == "paper":
+                outputs = binary[i]
+            else:
+                outputs = apply_calibration(f["maps"][i], cal)[1]
             if outputs.max(initial=0) > 1:
                 raise InputError(inference_h5, f"'binary' of image {ids[i]} holds values above 1")
             cons[i], amb[i], ged[i] = consistency(outputs), ambiguity(outputs), ged_paper(outputs)
@@ -119,6 +130,7 @@ def run_uncertainty(inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
         out.create_dataset("ambiguity", data=amb, compression="gzip", chunks=(1, r, r))
         out.create_dataset("ged", data=ged)
         out.attrs["inference"] = str(inference_h5)
+        out.attrs["calibration"] = "none" if cal is None else cal.method
     with atomic_path(out_csv) as tmp:
         pd.DataFrame({"id": ids, "ged": ged, "ambiguity_area": area}).to_csv(tmp, index=False)
     summary = {"n_images": int(n), "mean_ged": float(ged.mean()),

@@ -9,5 +9,6 @@ with log_to(snakemake.log[0]):
         None,
         split=snakemake.wildcards.split,
         threads=snakemake.threads,
+        calibration_h5=snakemake.input.calibration,
         **snakemake.params.cfg,
     )

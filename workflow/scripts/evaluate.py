@@ -10,5 +10,6 @@ with log_to(snakemake.log[0]):
         dict(zip(snakemake.params.baselines, snakemake.input.baselines)),
         snakemake.output.per_image,
         snakemake.output.table,
+        calibration_h5=snakemake.input.calibration,
         **snakemake.params.cfg,
     )

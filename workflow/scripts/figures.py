@@ -13,5 +13,6 @@ with log_to(snakemake.log[0]):
         snakemake.output.cases,
         split=snakemake.params.split,
         inference=snakemake.params.inference,
+        calibration_h5=snakemake.input.calibration,
         **snakemake.params.cfg,
     )

@@ -1,0 +1,309 @@
+"""Calibration: normalised difference maps -> lesion probabilities and binary outputs.
+
+One function, :func:`apply_calibration`, turns one image's normalised maps ``(T, H, W)`` (as stored
+in ``inference.h5``) into ``(probabilities, binary)``, both ``(T, H, W)``. Uncertainty, CRF fusion,
+evaluation and figures all call it, so every stage sees the same outputs.
+
+- ``method="paper"``: the identity. Probabilities are the normalised maps themselves and the binary
+  outputs are ``maps > threshold`` (the configured ``inference.threshold``), exactly what inference
+  stores as ``binary``: the paper-faithful path.
+- ``method="calibrated"``: per timestep, subtract a per-pixel bias map (the median map of the
+  VALIDATION images over their background pixels: removes what lights up on every image whatever
+  its lesion, e.g. the border frame), Gaussian-blur,
+  threshold at a value chosen on the validation split (:func:`fit_calibration`), clean up
+  (closing, hole filling, largest component), and give the CRF a probability
+  ``sigmoid((map - threshold) / sigmoid_scale)`` centred on that threshold.
+
+``results/calibration/calibration.h5`` (rule ``calibrate``) holds the fitted settings: attributes
+``method``, ``threshold``, ``sigmoid_scale``, ``blur_sigma``, ``closing_px``, ``fill_holes``,
+``largest_component``, ``bias`` (bool), ``best_timestep``, ``val_dice`` and datasets ``timesteps``
+and ``bias_map`` ``(T, R, R)`` float32 (zeros when the bias map is off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import h5py
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import disk
+
+from diffseg.atomic import atomic_path
+from diffseg.imageio import InputError
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("paper", "calibrated")
+THRESHOLD_GRID = tuple(np.round(np.arange(0.02, 0.99, 0.02), 2))
+SCALE_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
+
+
+@dataclass
+class Calibration:
+    """Settings that turn normalised maps into probabilities and binary outputs (see module doc)."""
+
+    method: str = "paper"
+    threshold: float | str = 0.5
+    bias_map: np.ndarray | None = None  # (T, H, W) subtracted from the maps; None = no bias map
+    blur_sigma: float = 0.0
+    sigmoid_scale: float = 0.05
+    closing_px: int = 0
+    fill_holes: bool = False
+    largest_component: bool = False
+    best_timestep: int | None = None
+    timesteps: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"calibration.method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "calibrated" and not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"calibration.threshold must be a number for method 'calibrated', got {self.threshold!r}")
+        if self.sigmoid_scale <= 0:
+            raise ValueError(f"calibration.sigmoid_scale must be > 0, got {self.sigmoid_scale}")
+
+
+PAPER = Calibration()
+
+
+# ----------------------------------------------------------------------------- the one function
+
+
+def cleanup(mask: np.ndarray, *, closing_px: int = 0, fill_holes: bool = False,
+            largest_component: bool = False) -> np.ndarray:
+    """Morphological clean-up of one bool mask (H, W): closing (disk radius), hole filling, largest component."""
+    mask = np.asarray(mask, bool)
+    if closing_px > 0 and mask.any():
+        pad = closing_px  # pad so that closing does not erode objects touching the border
+        padded = np.pad(mask, pad, mode="edge")
+        mask = ndimage.binary_closing(padded, structure=disk(closing_px))[pad:-pad, pad:-pad]
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if largest_component and mask.any():
+        labels, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(labels.ravel())[1:]
+            mask = labels == (1 + int(np.argmax(sizes)))
+    return mask
+
+
+def _corrected(maps: np.ndarray, cal: Calibration) -> np.ndarray:
+    """Bias-subtracted, blurred maps (T, H, W) float32."""
+    maps = np.asarray(maps, np.float32)
+    if cal.bias_map is not None:
+        if cal.bias_map.shape != maps.shape:
+            raise ValueError(f"calibration bias_map has shape {cal.bias_map.shape} but the maps are {maps.shape}")
+        maps = maps - cal.bias_map
+    if cal.blur_sigma > 0:
+        maps = ndimage.gaussian_filter(maps, sigma=(0, cal.blur_sigma, cal.blur_sigma), mode="nearest")
+    return maps
+
+
+def apply_calibration(maps: np.ndarray, cal: Calibration = PAPER) -> tuple[np.ndarray, np.ndarray]:
+    """One image's normalised maps (T, H, W) -> (lesion probabilities float32, binary uint8), both (T, H, W).
+
+    For ``method="paper"`` the probabilities are the maps and the binary outputs equal inference's.
+    """
+    from diffseg.inference import binarize  # inference imports torch; keep this module light
+
+    maps = np.asarray(maps, np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"apply_calibration: maps must be (T, H, W), got {maps.shape}")
+    if cal.method == "paper":
+        return maps, binarize(maps, cal.threshold)
+    corrected = _corrected(maps, cal)
+    prob = 1.0 / (1.0 + np.exp(-(corrected - cal.threshold) / cal.sigmoid_scale))
+    binary = np.stack([cleanup(m > cal.threshold, closing_px=cal.closing_px, fill_holes=cal.fill_holes,
+                               largest_component=cal.largest_component) for m in corrected])
+    return prob.astype(np.float32), binary.astype(np.uint8)
+
+
+def vote(binary: np.ndarray) -> np.ndarray:
+    """Majority of the T binary outputs (T, H, W) -> bool (H, W) (the 'mean of outputs thresholded' row)."""
+    return np.asarray(binary).mean(axis=0) >= 0.5
+
+
+# ----------------------------------------------------------------------------- fitting on val
+
+
+def bias_map(val_maps: np.ndarray, val_truth: np.ndarray | None = None) -> np.ndarray:
+    """(T, H, W) per-pixel median over the validation images' maps (N, T, H, W), background pixels only.
+
+    With ``val_truth`` (N, H, W), a pixel's median runs over the images where it is NOT lesion (lesions
+    sit near the centre of most dermoscopy images, so a plain median would subtract the lesion
+    signal itself); a pixel that is lesion in every val image gets the median of all background
+    pixels of that timestep. Without ``val_truth``: the plain per-pixel median.
+    """
+    val_maps = np.asarray(val_maps, np.float32)
+    if val_maps.ndim != 4 or len(val_maps) == 0:
+        raise ValueError(f"bias_map: expected non-empty (N, T, H, W) validation maps, got {val_maps.shape}")
+    if val_truth is None:
+        return np.median(val_maps, axis=0).astype(np.float32)
+    background = ~np.asarray(val_truth, bool)[:, None]  # (N, 1, H, W)
+    masked = np.where(np.broadcast_to(background, val_maps.shape), val_maps, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels are filled below
+            out = np.nanmedian(masked, axis=0)
+            fallback = np.nanmedian(masked.reshape(len(val_maps), val_maps.shape[1], -1).transpose(1, 0, 2)
+                                    .reshape(val_maps.shape[1], -1), axis=1)
+    fallback = np.nan_to_num(fallback, nan=0.0)
+    out = np.where(np.isnan(out), fallback[:, None, None], out)
+    return out.astype(np.float32)
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two bool masks (H, W); both empty -> 1 (the ISIC convention of diffseg.metrics)."""
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(pred, truth).sum() / total)
+
+
+def _val_dice(maps: np.ndarray, truth: np.ndarray, cal: Calibration) -> tuple[float, np.ndarray]:
+    """(mean Dice of the vote, mean Dice per timestep) of a calibration on the validation images."""
+    vote_dice, per_t = [], []
+    for m, y in zip(maps, truth):
+        _, binary = apply_calibration(m, cal)
+        vote_dice.append(_dice(vote(binary), y))
+        per_t.append([_dice(b.astype(bool), y) for b in binary])
+    return float(np.mean(vote_dice)), np.mean(per_t, axis=0)
+
+
+def choose_threshold(maps: np.ndarray, truth: np.ndarray, base: Calibration,
+                     grid: Sequence[float] = THRESHOLD_GRID) -> tuple[float, float]:
+    """(threshold, mean val Dice of the vote) maximising that Dice over ``grid``; the lowest on a tie.
+
+    ``maps`` and ``truth`` must be the VALIDATION split: the chosen threshold is then applied unchanged
+    to the test split.
+    """
+    corrected = np.stack([_corrected(m, base) for m in maps])
+    hi = float(np.percentile(corrected, 99.5))
+    lo = float(np.percentile(corrected, 50))
+    grid = [g for g in grid if lo - 0.05 <= g <= hi] or list(grid)
+    best = (grid[0], -1.0)
+    for thr in grid:
+        score, _ = _val_dice(maps, truth, _replace(base, threshold=float(thr)))
+        if score > best[1] + 1e-12:
+            best = (float(thr), score)
+    return best
+
+
+def fit_sigmoid_scale(maps: np.ndarray, truth: np.ndarray, cal: Calibration,
+                      grid: Sequence[float] = SCALE_GRID) -> float:
+    """Scale of sigmoid((map - threshold) / scale) minimising pixel log-loss on the validation images."""
+    corrected = np.stack([_corrected(m, cal) for m in maps])  # (N, T, H, W)
+    labels = np.broadcast_to(np.asarray(truth, bool)[:, None], corrected.shape)
+    z = corrected - cal.threshold
+    losses = []
+    for s in grid:
+        logit = z / s
+        # log(1 + exp(-x)) for the positives, log(1 + exp(x)) for the negatives, numerically stable
+        loss = np.where(labels, np.logaddexp(0, -logit), np.logaddexp(0, logit)).mean()
+        losses.append(float(loss))
+    return float(grid[int(np.argmin(losses))])
+
+
+def _replace(cal: Calibration, **changes) -> Calibration:
+    fields = {k: getattr(cal, k) for k in asdict(cal)}
+    fields.update(changes)
+    return Calibration(**fields)
+
+
+def fit_calibration(val_maps: np.ndarray, val_truth: np.ndarray, timesteps: Sequence[int], *,
+                    method: str = "calibrated", threshold: float | str = 0.5, bias: bool = True,
+                    blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
+                    largest_component: bool = True, sigmoid_scale: float | None = None) -> tuple[Calibration, dict]:
+    """Fit a calibration on the VALIDATION maps (N, T, H, W) and masks (N, H, W). Returns (calibration, report).
+
+    ``method="paper"``: identity with ``threshold`` (inference's); only the best timestep is chosen.
+    ``method="calibrated"``: bias map (if ``bias``), threshold chosen on val, sigmoid scale fitted on
+    val unless given.
+    """
+    val_maps = np.asarray(val_maps, np.float32)
+    val_truth = np.asarray(val_truth, bool)
+    if val_maps.ndim != 4 or val_maps.shape[0] != val_truth.shape[0] or val_maps.shape[2:] != val_truth.shape[1:]:
+        raise ValueError(f"fit_calibration: val maps {val_maps.shape} and masks {val_truth.shape} do not match")
+    if len(val_maps) == 0:
+        raise ValueError("fit_calibration: the validation split holds no images")
+    timesteps = [int(t) for t in timesteps]
+    if method == "paper":
+        cal = Calibration(method="paper", threshold=threshold, timesteps=timesteps)
+    else:
+        cal = Calibration(method="calibrated", threshold=0.5, blur_sigma=float(blur_sigma),
+                          bias_map=bias_map(val_maps, val_truth) if bias else None, closing_px=int(closing_px),
+                          fill_holes=bool(fill_holes), largest_component=bool(largest_component),
+                          timesteps=timesteps)
+        thr, _ = choose_threshold(val_maps, val_truth, cal)
+        cal = _replace(cal, threshold=thr)
+        scale = sigmoid_scale if sigmoid_scale is not None else fit_sigmoid_scale(val_maps, val_truth, cal)
+        cal = _replace(cal, sigmoid_scale=float(scale))
+    vote_dice, per_t = _val_dice(val_maps, val_truth, cal)
+    cal = _replace(cal, best_timestep=timesteps[int(np.argmax(per_t))])  # earliest t on a tie
+    report = {"method": cal.method, "threshold": cal.threshold, "sigmoid_scale": cal.sigmoid_scale,
+              "best_timestep": cal.best_timestep, "val_dice_vote": vote_dice,
+              "val_dice_per_t": dict(zip(timesteps, np.round(per_t, 4).tolist()))}
+    logger.info("calibration fitted on val: %s", report)
+    return cal, report
+
+
+# ----------------------------------------------------------------------------- calibration.h5
+
+
+def save_calibration(path: str | os.PathLike, cal: Calibration, shape: tuple[int, int, int], report: dict) -> None:
+    """Write calibration.h5 (layout in the module docstring)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("timesteps", data=np.asarray(cal.timesteps, np.int32))
+        bias = cal.bias_map if cal.bias_map is not None else np.zeros(shape, np.float32)
+        f.create_dataset("bias_map", data=np.asarray(bias, np.float32))
+        f.attrs.update({"method": cal.method, "threshold": cal.threshold, "sigmoid_scale": cal.sigmoid_scale,
+                        "blur_sigma": cal.blur_sigma, "closing_px": cal.closing_px, "fill_holes": cal.fill_holes,
+                        "largest_component": cal.largest_component, "bias": cal.bias_map is not None,
+                        "best_timestep": -1 if cal.best_timestep is None else cal.best_timestep,
+                        "report": json.dumps(report)})
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """Read calibration.h5 back into a Calibration; a missing key is an error naming it."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(path, f"cannot open calibration file ({err})") from err
+    with f:
+        for key in ("method", "threshold", "sigmoid_scale", "blur_sigma", "closing_px", "fill_holes",
+                    "largest_component", "bias", "best_timestep"):
+            if key not in f.attrs:
+                raise InputError(path, f"missing attribute '{key}' (expected calibration.h5 layout)")
+        a = f.attrs
+        threshold = a["threshold"]
+        threshold = str(threshold) if isinstance(threshold, (str, bytes)) else float(threshold)
+        best = int(a["best_timestep"])
+        return Calibration(method=str(a["method"]), threshold=threshold, sigmoid_scale=float(a["sigmoid_scale"]),
+                           blur_sigma=float(a["blur_sigma"]), closing_px=int(a["closing_px"]),
+                           fill_holes=bool(a["fill_holes"]), largest_component=bool(a["largest_component"]),
+                           bias_map=f["bias_map"][()] if bool(a["bias"]) else None,
+                           best_timestep=None if best < 0 else best, timesteps=f["timesteps"][()].tolist())
+
+
+def run_calibrate(dataset_h5: str | os.PathLike, val_inference_h5: str | os.PathLike,
+                  out_h5: str | os.PathLike, *, method: str = "calibrated", threshold: float | str = 0.5,
+                  bias: bool = True, blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
+                  largest_component: bool = True, sigmoid_scale: float | None = None) -> dict:
+    """Fit the calibration on the val split's inference file and the val masks; write calibration.h5."""
+    from diffseg.evaluate import match_rows, read_h5
+
+    truth = read_h5(dataset_h5, ["masks"], group="val")
+    inf = read_h5(val_inference_h5, ["maps", "timesteps"])
+    split = inf["attrs"].get("split")
+    if split is not None and str(split) != "val":
+        raise InputError(val_inference_h5, f"calibration needs the val split's inference file, got split '{split}'")
+    maps = inf["maps"][match_rows(truth["ids"], inf["ids"], val_inference_h5)].astype(np.float32)
+    cal, report = fit_calibration(maps, truth["masks"], inf["timesteps"], method=method, threshold=threshold,
+                                  bias=bias, blur_sigma=blur_sigma, closing_px=closing_px, fill_holes=fill_holes,
+                                  largest_component=largest_component, sigmoid_scale=sigmoid_scale)
+    save_calibration(out_h5, cal, maps.shape[1:], report)
+    return report
