@@ -25,3 +25,14 @@ def _one_torch_thread():
 
 def needs_isic_256():
     return pytest.mark.skipif(not ISIC_256.is_dir(), reason=f"shared ISIC data not found at {ISIC_256}")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole workflow once, for real, on tiny demo data (shared by the workflow tests)."""
+    from workflow_helpers import snakemake, workflow_copy
+
+    wf = workflow_copy(tmp_path_factory.mktemp("tiny_run"))
+    run = snakemake(wf)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return wf

@@ -31,7 +31,7 @@ def test_lint_passes():
 
 def test_dry_run_plans_the_full_chain_on_demo_data(tmp_path):
     wf = workflow_copy(tmp_path)
-    run = snakemake(wf, "-n", configfile="config/config.yaml")
+    run = snakemake(wf, "-n", configfiles=("config/config.yaml",))
     assert run.returncode == 0, run.stderr
     jobs = planned_jobs(run.stdout)
     for rule in ["make_demo_data", *CHAIN]:
@@ -44,7 +44,7 @@ def test_dry_run_plans_the_full_chain_on_demo_data(tmp_path):
 def test_dry_run_plans_the_full_chain_on_isic(tmp_path):
     wf = workflow_copy(tmp_path)
     (wf / "isic.yaml").write_text(yaml.safe_dump({"data_dir": str(ISIC_256)}))
-    run = snakemake(wf, "-n", "--configfile", "config/isic2018.yaml", "isic.yaml", configfile="config/config.yaml")
+    run = snakemake(wf, "-n", configfiles=("config/config.yaml", "config/isic2018.yaml", "isic.yaml"))
     assert run.returncode == 0, run.stderr
     jobs = planned_jobs(run.stdout)
     assert "make_demo_data" not in jobs
@@ -69,7 +69,7 @@ def test_dry_run_plans_the_full_chain_on_isic(tmp_path):
 def test_invalid_config_fails_before_any_rule_runs(tmp_path, bad, key, allowed):
     wf = workflow_copy(tmp_path)
     (wf / "bad.yaml").write_text(yaml.safe_dump(bad))
-    run = snakemake(wf, "--configfile", "test.yaml", "bad.yaml", configfile="test.yaml")
+    run = snakemake(wf, configfiles=("test.yaml", "bad.yaml"))
     assert run.returncode != 0
     message = run.stdout + run.stderr
     assert key in message and allowed in message, message
@@ -77,22 +77,19 @@ def test_invalid_config_fails_before_any_rule_runs(tmp_path, bad, key, allowed):
 
 
 @pytest.mark.slow
-def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_and_after(tmp_path):
-    wf = workflow_copy(tmp_path)
-    run = snakemake(wf)
-    assert run.returncode == 0, run.stderr[-5000:]
-    table = (wf / "results/metrics/table.md").read_text()
-    assert "CRF fusion" in table and "otsu" in table.lower()
-    per_image = pd.read_csv(wf / "results/metrics/test.csv")
+def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_and_after(tiny_run, tmp_path):
+    table = (tiny_run / "results/metrics/table.md").read_text()
+    assert "CRF fusion" in table and "Otsu" in table and "U-Net (supervised)" in table
+    per_image = pd.read_csv(tiny_run / "results/metrics/test.csv")
     assert len(per_image) > 0 and per_image["dice"].between(0, 1).all()
 
-    again = snakemake(wf, "-n")
+    again = snakemake(tiny_run, "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
 
-    config = yaml.safe_load((wf / "test.yaml").read_text())
+    config = yaml.safe_load((tiny_run / "test.yaml").read_text())
     config["crf"]["iterations"] = 3
-    (wf / "test.yaml").write_text(yaml.safe_dump(config))
-    plan = snakemake(wf, "-n")
+    (tiny_run / "changed.yaml").write_text(yaml.safe_dump(config))
+    plan = snakemake(tiny_run, "-n", configfiles=("changed.yaml",))
     assert plan.returncode == 0, plan.stderr
     assert set(planned_jobs(plan.stdout)) == {"crf_fusion", "gather_crf", "export_masks", "evaluate", "figures", "all"}

@@ -19,7 +19,7 @@ TINY_CONFIG = {
     "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
               "dropout": 0.0, "num_heads": 1},
     "train": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2},
-    "inference": {"timesteps": [60, 100, 150], "batch_images": 4},
+    "inference": {"timesteps": [60, 100, 150], "batch_images": 1},
     "crf": {"subset_size": 2, "rounds": 2, "bilateral_sxy": 10},
     "baselines": {"base_channels": 4, "depth": 2, "steps": 4, "batch_size": 4, "eval_every": 2, "patience": 2},
 }
@@ -36,6 +36,7 @@ def workflow_copy(dest: Path, config: dict | None = None) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, configfile: str = "test.yaml", timeout: int = 900):
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", configfile, *args]
+def snakemake(workdir: Path, *args: str, configfiles: tuple[str, ...] = ("test.yaml",), timeout: int = 900):
+    """Run Snakemake in ``workdir``; the config files go last so they never swallow a target."""
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args, "--configfile", *configfiles]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)

@@ -28,7 +28,8 @@ from diffseg.atomic import atomic_path
 from diffseg.augment import PairedAugment
 from diffseg.data import load_split
 from diffseg.metrics import mask_metrics
-from diffseg.train import CheckpointError, Trainer, load_checkpoint, resolve_device, resolve_dtype
+from diffseg.train import (CheckpointError, Trainer, load_checkpoint, resolve_device, resolve_dtype, resume_path_for,
+                           seeded)
 from diffseg.unet import SegUNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -170,10 +171,6 @@ def build_unet(model_cfg: dict) -> SegUNet:
     return SegUNet(base_channels=model_cfg["base_channels"], depth=model_cfg["depth"], attention=model_cfg["attention"])
 
 
-def resume_path_for(checkpoint: str | os.PathLike) -> Path:
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + ".resume.pt")
-
 
 def schedule_for(steps: int) -> dict:
     """Warm-up and EMA horizon scaled to the run (about 5% of it), so short runs are not all warm-up/EMA lag."""
@@ -209,7 +206,8 @@ def train_baseline(
     image_size = int(train["images"].shape[1])
     check_size(image_size, depth, dataset_h5)
     model_cfg = {"name": name, "base_channels": base_channels, "depth": depth, "attention": UNET_ATTENTION[name]}
-    net = build_unet(model_cfg)
+    with seeded(seed):  # the same initial weights in every run with this seed
+        net = build_unet(model_cfg)
     logger.info("%s: %d parameters at %d px, %d train / %d val images", name, count_parameters(net), image_size,
                 len(train["ids"]), len(val["ids"]))
     config = {"model": model_cfg, "image_size": image_size, "augment": dict(augment or {}),

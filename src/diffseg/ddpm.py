@@ -15,7 +15,8 @@ from diffseg.augment import PairedAugment
 from diffseg.data import load_split
 from diffseg.imageio import InputError
 from diffseg.schedule import alpha_bars, linear_betas, q_sample
-from diffseg.train import CheckpointError, Trainer, device_generator, load_checkpoint, resolve_device
+from diffseg.train import (CheckpointError, Trainer, device_generator, load_checkpoint, resolve_device,
+                           resume_path_for, seeded)
 from diffseg.unet import ConditionalUNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def train_ddpm(
     augment_cfg = dict(augment or {})
     lesion, healthy = load_pairs(dataset_h5)
     image_size = int(lesion.shape[1])
-    net = build_model(model_cfg, image_size)
+    with seeded(train_cfg["seed"]):  # the same initial weights in every run with this seed
+        net = build_model(model_cfg, image_size)
     logger.info("conditional U-Net: %d parameters at %d px", count_parameters(net), image_size)
     sampler = PairSampler(lesion, healthy, train_cfg["batch_size"], PairedAugment(**augment_cfg),
                           model_cfg["class_dropout"], net.null_label)
@@ -168,10 +170,6 @@ def train_ddpm(
     write_loss_png(loss_png, trainer.rows)
     return {**summary, "pairs": int(lesion.shape[0]), "image_size": image_size, "parameters": count_parameters(net)}
 
-
-def resume_path_for(checkpoint: str | os.PathLike) -> Path:
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + ".resume.pt")
 
 
 def load_model(

@@ -9,6 +9,7 @@ final checkpoint is in place.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -110,6 +111,20 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed the global RNG inside the block only (e.g. weight initialisation), leaving it as it was after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resume_path_for(checkpoint: str | os.PathLike) -> Path:
+    """The resume file beside a rule's final checkpoint (not a declared output: Snakemake keeps it)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".resume.pt")
 
 
 def step_seed(seed: int, step: int) -> int:
