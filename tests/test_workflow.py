@@ -52,6 +52,29 @@ def test_dry_run_plans_the_full_chain_on_isic(tmp_path):
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
 
 
+GPU_RULES = {"train_ddpm", "train_baseline", "noise_difference"}
+
+
+def planned_resources(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, resources) of every job in a dry run's output."""
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", output, re.M)
+    return [(rule, dict(item.split("=", 1) for item in res.split(", "))) for rule, res in jobs]
+
+
+def test_slurm_profile_plans_the_chain_with_gpu_resources_on_gpu_rules(tmp_path):
+    wf = workflow_copy(tmp_path)
+    run = snakemake(wf, "-n", "--profile", "profiles/slurm", configfiles=("config/config.yaml",))
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = planned_resources(run.stdout)
+    assert {rule for rule, _ in jobs} >= set(CHAIN) | GPU_RULES
+    for rule, resources in jobs:
+        assert int(resources["mem_mb"]) > 0 and int(resources["runtime"]) > 0, (rule, resources)
+        if rule in GPU_RULES:
+            assert resources.get("gpu") == "1" and resources["slurm_partition"] == "gpu", (rule, resources)
+        else:
+            assert "gpu" not in resources and resources["slurm_partition"] == "cpu", (rule, resources)
+
+
 @pytest.mark.parametrize(
     "bad, key, allowed",
     [
@@ -93,3 +116,13 @@ def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_
     plan = snakemake(tiny_run, "-n", configfiles=("changed.yaml",))
     assert plan.returncode == 0, plan.stderr
     assert set(planned_jobs(plan.stdout)) == {"crf_fusion", "gather_crf", "export_masks", "evaluate", "figures", "all"}
+
+
+@pytest.mark.slow
+def test_html_report_holds_the_table_and_figures(tiny_run):
+    run = snakemake(tiny_run, "--report", "report.html")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = (tiny_run / "report.html").read_text(errors="replace")
+    assert len(report) > 10_000
+    for name in ["table.md", "summary.png", "ddpm_loss.png", "preview.png"]:
+        assert name in report, name
