@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from diffseg.calibration import (PAPER, Calibration, apply_calibration, bias_map, choose_threshold, cleanup,
-                                 fit_calibration, load_calibration, run_calibrate, save_calibration, vote)
+                                 fit_calibration, load_calibration, run_calibrate, save_calibration, threshold_grid,
+                                 vote)
 from diffseg.imageio import InputError
 from diffseg.inference import postprocess_image
 
@@ -89,10 +90,19 @@ def val_set(n: int = 6, lesion: float = 0.6, background: float = 0.3):
 def test_threshold_is_chosen_on_the_given_val_maps():
     maps, truth = val_set()
     base = Calibration(method="calibrated", blur_sigma=0.0)
-    thr, dice = choose_threshold(maps, truth, base)
+    thr, dice = choose_threshold(maps, truth, base, grid=[0.1, 0.3, 0.45, 0.6, 0.7])
     assert thr == pytest.approx(0.30) and dice == pytest.approx(1.0)  # lowest threshold that separates
     maps2, truth2 = val_set(lesion=0.9, background=0.5)
-    assert choose_threshold(maps2, truth2, base)[0] == pytest.approx(0.5)
+    assert choose_threshold(maps2, truth2, base, grid=[0.3, 0.5, 0.7, 0.95])[0] == pytest.approx(0.5)
+    thr3, dice3 = choose_threshold(maps2, truth2, base)  # default grid: quantiles of the val maps
+    assert 0.5 <= thr3 < 0.9 and dice3 == pytest.approx(1.0)
+
+
+def test_threshold_grid_is_quantiles_of_the_maps():
+    values = np.arange(100, dtype=np.float32) / 100
+    grid = threshold_grid(values, n=3)
+    assert grid == [pytest.approx(0.198), pytest.approx(0.5915, abs=1e-4), pytest.approx(0.9851, abs=1e-4)]
+    assert threshold_grid(np.zeros(10, np.float32)) == [0.0]  # constant maps: one candidate
 
 
 def test_fit_calibration_paper_keeps_the_configured_threshold():

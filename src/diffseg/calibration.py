@@ -39,8 +39,8 @@ from diffseg.imageio import InputError
 logger = logging.getLogger(__name__)
 
 METHODS = ("paper", "calibrated")
-THRESHOLD_GRID = tuple(np.round(np.arange(0.02, 0.99, 0.02), 2))
-SCALE_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
+THRESHOLD_STEPS = 40  # candidate thresholds (quantiles of the val maps) tried by choose_threshold
+SCALE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
 
 
 @dataclass
@@ -174,18 +174,26 @@ def _val_dice(maps: np.ndarray, truth: np.ndarray, cal: Calibration) -> tuple[fl
     return float(np.mean(vote_dice)), np.mean(per_t, axis=0)
 
 
+def threshold_grid(corrected: np.ndarray, n: int = THRESHOLD_STEPS) -> list[float]:
+    """Candidate thresholds: ``n`` quantiles (20th to 99.5th percentile) of the corrected val maps.
+
+    Quantiles adapt the grid to the maps' range (bias-corrected maps of different inference methods
+    live on different scales); values are rounded to 4 decimals and de-duplicated, ascending.
+    """
+    qs = np.linspace(20.0, 99.5, n)
+    return sorted({round(float(v), 4) for v in np.percentile(corrected, qs)})
+
+
 def choose_threshold(maps: np.ndarray, truth: np.ndarray, base: Calibration,
-                     grid: Sequence[float] = THRESHOLD_GRID) -> tuple[float, float]:
+                     grid: Sequence[float] | None = None) -> tuple[float, float]:
     """(threshold, mean val Dice of the vote) maximising that Dice over ``grid``; the lowest on a tie.
 
-    ``maps`` and ``truth`` must be the VALIDATION split: the chosen threshold is then applied unchanged
-    to the test split.
+    ``grid`` defaults to :func:`threshold_grid` of the corrected maps. ``maps`` and ``truth`` must be
+    the VALIDATION split: the chosen threshold is then applied unchanged to the test split.
     """
-    corrected = np.stack([_corrected(m, base) for m in maps])
-    hi = float(np.percentile(corrected, 99.5))
-    lo = float(np.percentile(corrected, 50))
-    grid = [g for g in grid if lo - 0.05 <= g <= hi] or list(grid)
-    best = (grid[0], -1.0)
+    if grid is None:
+        grid = threshold_grid(np.stack([_corrected(m, base) for m in maps]))
+    best = (float(grid[0]), -1.0)
     for thr in grid:
         score, _ = _val_dice(maps, truth, _replace(base, threshold=float(thr)))
         if score > best[1] + 1e-12:
