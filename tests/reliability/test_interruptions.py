@@ -12,8 +12,8 @@ import torch
 
 from workflow_helpers import snakemake, workflow_copy
 
-TRAIN_STEPS = 300
-CHECKPOINT_EVERY = 20
+TRAIN_STEPS = 60
+CHECKPOINT_EVERY = 10
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
