@@ -179,3 +179,23 @@ def test_run_crf_without_png_dir_writes_only_h5(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crf.h5", "dataset.h5", "inference.h5"]
     with h5py.File(tmp_path / "crf.h5") as f:
         assert f["fused"].shape == (4, 32, 32) and f["rounds"].shape == (4, 3, 32, 32)
+
+
+def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
+    """A calibrated run fuses the calibrated probabilities and also writes the paper's fusion of the raw maps."""
+    from diffseg.calibration import Calibration, apply_calibration, save_calibration
+
+    scenes, maps = _write_inputs(tmp_path)
+    cal = Calibration(method="calibrated", threshold=0.4, blur_sigma=0.0, sigmoid_scale=0.1, timesteps=[60] * 5)
+    save_calibration(tmp_path / "cal.h5", cal, maps.shape[1:], {})
+    kwargs = dict(rounds=3, subset_size=2, seed=5)
+    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "paper.h5", None, **kwargs)
+    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "cal_out.h5", None,
+            calibration_h5=tmp_path / "cal.h5", **kwargs)
+    with h5py.File(tmp_path / "paper.h5") as paper, h5py.File(tmp_path / "cal_out.h5") as calibrated:
+        assert "paper_fused" not in paper and calibrated.attrs["calibration"] == "calibrated"
+        np.testing.assert_array_equal(calibrated["paper_fused"][:], paper["fused"][:])
+        np.testing.assert_array_equal(calibrated["paper_rounds"][:], paper["rounds"][:])
+        prob, _ = apply_calibration(maps[1].astype(np.float16), cal)
+        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, IDS[1]), rounds=3, subset_size=2)
+        np.testing.assert_array_equal(calibrated["fused"][1], fused)

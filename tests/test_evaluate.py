@@ -243,3 +243,36 @@ def test_export_masks_unknown_id_names_split(tmp_path):
         f["fused"] = np.zeros((1, R, R), np.uint8)
     with pytest.raises(InputError, match="ISIC_9999999 missing from split 'test'"):
         export_masks(tmp_path / "dataset.h5", tmp_path / "crf.h5", tmp_path / "png", split="test")
+
+
+def test_calibrated_rows_beside_the_paper_rows(files, tmp_path):
+    """A calibration (largest component) removes the false positive of t=60; the paper rows stay as stored."""
+    from diffseg.calibration import Calibration, save_calibration
+    from diffseg.evaluate import PAPER_BEST_T_METHOD, PAPER_FINAL_METHOD, PAPER_MEAN_METHOD
+
+    cal = Calibration(method="calibrated", threshold=0.5, blur_sigma=0.0, largest_component=True,
+                      best_timestep=60, timesteps=[60, 70, 80])
+    save_calibration(tmp_path / "cal.h5", cal, (3, R, R), {})
+    with h5py.File(files["crf"], "a") as f:
+        n = len(f["ids"])
+        f["paper_fused"] = np.zeros((n, R, R), np.uint8)
+        f["paper_rounds"] = np.zeros((n, 3, R, R), np.uint8)
+    means, table, md = evaluate(files, tmp_path, calibration_h5=tmp_path / "cal.h5")
+    assert means[BEST_T_METHOD]["timestep"] == 60 and means[BEST_T_METHOD]["dice"] == pytest.approx(1.0)
+    assert means[MEAN_METHOD]["dice"] == pytest.approx(1.0)
+    assert means[PAPER_BEST_T_METHOD]["timestep"] == 70  # chosen on val from the stored outputs
+    assert means[PAPER_BEST_T_METHOD]["dice"] == pytest.approx(2 / 3)
+    assert means[PAPER_MEAN_METHOD]["dice"] == pytest.approx(1.0)
+    assert means[PAPER_FINAL_METHOD]["dice"] == pytest.approx(0.0)
+    assert f"{PAPER_BEST_T_METHOD} (t = 70, chosen on val)" in md
+    assert f"{BEST_T_METHOD} (t = 60, chosen on val)" in md
+
+
+def test_paper_calibration_file_gives_todays_rows(files, tmp_path):
+    from diffseg.calibration import Calibration, save_calibration
+
+    save_calibration(tmp_path / "cal.h5", Calibration(timesteps=[60, 70, 80], best_timestep=70), (3, R, R), {})
+    with_cal, table_cal, _ = evaluate(files, tmp_path, calibration_h5=tmp_path / "cal.h5")
+    without, table, _ = evaluate(files, tmp_path)
+    assert set(table_cal["method"]) == set(table["method"])
+    assert with_cal == without

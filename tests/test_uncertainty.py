@@ -116,3 +116,21 @@ def test_run_uncertainty_missing_key_names_file_and_key(tmp_path):
     with pytest.raises(InputError, match=r"bad\.h5.*'binary'"):
         run_uncertainty(tmp_path / "bad.h5", tmp_path / "o.h5", tmp_path / "o.csv")
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_run_uncertainty_uses_the_calibrated_outputs(tmp_path):
+    """With a calibration whose bias map removes image B's marks, B has no ambiguity and GED 0."""
+    from diffseg.calibration import Calibration, save_calibration
+
+    binary = np.zeros((2, 4, 8, 8), np.uint8)
+    binary[1, :2, :4] = 1
+    _write_inference(tmp_path / "inf.h5", binary, ["ISIC_0000001", "ISIC_0000002"])
+    bias = np.zeros((4, 8, 8), np.float32)
+    bias[:2, :4] = 1.0
+    cal = Calibration(method="calibrated", threshold=0.5, bias_map=bias, blur_sigma=0.0, timesteps=[60, 70, 80, 90])
+    save_calibration(tmp_path / "cal.h5", cal, (4, 8, 8), {})
+    run_uncertainty(tmp_path / "inf.h5", tmp_path / "u.h5", tmp_path / "u.csv", calibration_h5=tmp_path / "cal.h5")
+    with h5py.File(tmp_path / "u.h5") as f:
+        np.testing.assert_array_equal(f["consistency"][:], 0.0)
+        np.testing.assert_array_equal(f["ged"][:], [0.0, 0.0])
+        assert f.attrs["calibration"] == "calibrated"
