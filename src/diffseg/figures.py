@@ -169,7 +169,7 @@ def _model_row(fig, grid, image, eps_pair, binary_mid, t_mid: int) -> None:
     _panel(axes[2], _noise_rgb(eps_pair[1], scale), f"predicted noise\nc1 (lesion), t={t_mid}")
     _panel(axes[3], np.abs(eps_pair[0] - eps_pair[1]).mean(axis=0), "|eps_c0 - eps_c1|\n(eq. 2, this draw)",
            colorbar=True, cmap="inferno")
-    _panel(axes[4], binary_mid, f"binary output\nt={t_mid} (stored)", cmap="gray", vmin=0, vmax=1)
+    _panel(axes[4], binary_mid, f"binary output\nt={t_mid} (as evaluated)", cmap="gray", vmin=0, vmax=1)
 
 
 def _timestep_row(fig, grid, binary: np.ndarray, timesteps: list[int]) -> None:
