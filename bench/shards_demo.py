@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--configfile", nargs="+", default=["config/config.yaml"])
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="shards-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
         if not (work / part).exists():
             (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, work / part)

@@ -9,7 +9,7 @@ import yaml
 from conftest import ISIC_256
 from workflow_helpers import REPO, snakemake, workflow_copy
 
-CHAIN = ["prepare_dataset", "train_ddpm", "noise_difference", "gather_inference", "uncertainty",
+CHAIN = ["prepare_dataset", "train_ddpm", "noise_difference", "gather_inference", "calibrate", "uncertainty",
          "gather_uncertainty", "crf_fusion", "gather_crf", "export_masks", "train_baseline",
          "predict_baseline", "evaluate", "figures"]
 
@@ -37,6 +37,7 @@ def test_dry_run_plans_the_full_chain_on_demo_data(tmp_path):
     for rule in ["make_demo_data", *CHAIN]:
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
     assert jobs["noise_difference"] == 2  # val (calibration) and test
+    assert jobs["calibrate"] == 1
     assert jobs["train_baseline"] == 2 and jobs["predict_baseline"] == 3
 
 
@@ -103,6 +104,7 @@ def test_invalid_config_fails_before_any_rule_runs(tmp_path, bad, key, allowed):
 def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_and_after(tiny_run, tmp_path):
     table = (tiny_run / "results/metrics/table.md").read_text()
     assert "CRF fusion" in table and "Otsu" in table and "U-Net (supervised)" in table
+    assert "paper post-processing" in table  # the faithful rows beside the calibrated ones
     per_image = pd.read_csv(tiny_run / "results/metrics/test.csv")
     assert len(per_image) > 0 and per_image["dice"].between(0, 1).all()
 
