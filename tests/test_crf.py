@@ -199,3 +199,23 @@ def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
         prob, _ = apply_calibration(maps[1].astype(np.float16), cal)
         fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, IDS[1]), rounds=3, subset_size=2)
         np.testing.assert_array_equal(calibrated["fused"][1], fused)
+
+
+def test_run_crf_accepts_an_empty_shard(tmp_path):
+    """More shards than inference batches leave some shards empty: they must pass through."""
+    dataset, inference = tmp_path / "dataset.h5", tmp_path / "inference.h5"
+    with h5py.File(dataset, "w") as f:
+        g = f.create_group("test")
+        g.create_dataset("ids", data=np.array(["a"], dtype=object), dtype=h5py.string_dtype())
+        g.create_dataset("images", data=np.zeros((1, 8, 8, 3), np.uint8))
+        g.create_dataset("masks", data=np.zeros((1, 8, 8), np.uint8))
+        g.create_dataset("orig_size", data=np.array([[8, 8]], np.int32))
+    with h5py.File(inference, "w") as f:
+        f.create_dataset("ids", data=np.array([], dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("timesteps", data=np.array([60, 70], np.int32))
+        f.create_dataset("maps", data=np.zeros((0, 2, 8, 8), np.float16))
+        f.create_dataset("binary", data=np.zeros((0, 2, 8, 8), np.uint8))
+    summary = run_crf(dataset, inference, tmp_path / "crf.h5", None, subset_size=2)
+    assert summary["n_images"] == 0
+    with h5py.File(tmp_path / "crf.h5") as f:
+        assert f["fused"].shape == (0, 8, 8) and f["rounds"].shape == (0, 3, 8, 8)

@@ -28,6 +28,7 @@ from diffseg.atomic import atomic_path
 from diffseg.calibration import PAPER, Calibration, apply_calibration, load_calibration
 from diffseg.imageio import InputError, write_mask_png
 from diffseg.seeding import image_rng
+from diffseg.shards import image_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ def _read_inference(inference_h5: str | os.PathLike) -> tuple[np.ndarray, tuple[
             if key not in f:
                 raise InputError(inference_h5, f"missing dataset '{key}' (expected inference.h5 layout)")
         ids, shape = f["ids"].asstr()[:], f["maps"].shape
-    if len(shape) != 4 or shape[0] != len(ids) or shape[2] != shape[3] or not ids.size:
-        raise InputError(inference_h5, f"'maps' has shape {shape}; expected (N={len(ids)} > 0, T, R, R)")
+    if len(shape) != 4 or shape[0] != len(ids) or shape[2] != shape[3]:  # N = 0: an empty shard
+        raise InputError(inference_h5, f"'maps' has shape {shape}; expected (N={len(ids)}, T, R, R)")
     return ids, shape
 
 
@@ -133,7 +134,7 @@ def _match_split(dataset_h5, split: str, ids: np.ndarray, resolution: int, infer
     if missing:
         raise InputError(inference_h5, f"image id {missing[0]} (and {len(missing) - 1} more) not "
                          f"found in split '{split}' of {dataset_h5}")
-    rows = np.array([row_of[i] for i in ids])
+    rows = np.array([row_of[i] for i in ids], dtype=np.int64)
     return rows, orig_size[rows]
 
 
@@ -222,18 +223,15 @@ def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_
     _write_crf_h5(out_h5, ids, fused[0], per_round[0], {**fusion_kwargs, "seed": seed, "split": split,
                                                          "inference": str(inference_h5),
                                                          "calibration": cal.method}, extra)
-    summary = {"n_images": int(n), "seconds": seconds, "images_per_s": n / seconds,
-               "mean_lesion_fraction": float(fused[0].mean())}
+    summary = {"n_images": int(n), "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
+               "mean_lesion_fraction": float(fused[0].mean()) if n else 0.0}
     logger.info("crf fusion: %s", summary)
     return summary
 
 
 def _write_crf_h5(out_h5, ids, fused: np.ndarray, per_round: np.ndarray, attrs: dict, extra: dict | None = None) -> None:
-    res = fused.shape[1]
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("fused", data=fused, compression="gzip", chunks=(1, res, res))
-        f.create_dataset("rounds", data=per_round, compression="gzip", chunks=(1, *per_round.shape[1:]))
-        for name, data in (extra or {}).items():
-            f.create_dataset(name, data=data, compression="gzip", chunks=(1, *data.shape[1:]))
+        for name, data in {"fused": fused, "rounds": per_round, **(extra or {})}.items():
+            f.create_dataset(name, data=data, compression="gzip", chunks=image_chunks(data.shape))
         f.attrs.update(attrs)

@@ -36,6 +36,11 @@ def shard_indices(n_items: int, shard: int, n_shards: int, block: int = 1) -> np
     return np.arange(blocks[0] * block, min((blocks[-1] + 1) * block, n_items))
 
 
+def image_chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """HDF5 chunks of one image for a per-image dataset; None where there is no image (empty shard)."""
+    return (1, *shape[1:]) if len(shape) > 1 and shape[0] > 0 else None
+
+
 # Datasets that describe the run, not an image: equal in every shard, copied once.
 SHARED_DATASETS = frozenset({"timesteps"})
 
@@ -56,7 +61,7 @@ def gather_h5(parts: Sequence[str | os.PathLike], out_path: str | os.PathLike) -
                             raise ValueError(f"{f.filename}: dataset {name!r} has {f[name].shape[0]} rows "
                                              f"for {n} ids")
                     data = np.concatenate([f[name][...] for f in files], axis=0)
-                    chunks = (1, *data.shape[1:]) if data.ndim > 1 and len(data) else None
+                    chunks = image_chunks(data.shape)
                     out.create_dataset(name, data=data, dtype=dataset.dtype, chunks=chunks,
                                        compression="gzip" if chunks else None)
                 else:

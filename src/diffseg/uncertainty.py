@@ -16,6 +16,7 @@ import pandas as pd
 from diffseg.atomic import atomic_path
 from diffseg.calibration import apply_calibration, load_calibration
 from diffseg.imageio import InputError
+from diffseg.shards import image_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ def _read_binary(inference_h5: str | os.PathLike) -> tuple[np.ndarray, h5py.Data
             raise InputError(inference_h5, f"missing dataset '{key}' (expected inference.h5 layout)")
     ids = f["ids"].asstr()[:]
     binary = f["binary"]
-    if binary.ndim != 4 or binary.shape[0] != len(ids) or len(ids) == 0:
+    if binary.ndim != 4 or binary.shape[0] != len(ids):  # N = 0 is an empty shard
         f.close()
-        raise InputError(inference_h5, f"'binary' has shape {binary.shape}; expected (N={len(ids)} > 0, T, R, R)")
+        raise InputError(inference_h5, f"'binary' has shape {binary.shape}; expected (N={len(ids)}, T, R, R)")
     return ids, binary, f
 
 
@@ -126,14 +127,15 @@ def run_uncertainty(inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
     area = (amb > 0).mean(axis=(1, 2))
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
         out.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-        out.create_dataset("consistency", data=cons, compression="gzip", chunks=(1, r, r))
-        out.create_dataset("ambiguity", data=amb, compression="gzip", chunks=(1, r, r))
+        out.create_dataset("consistency", data=cons, compression="gzip", chunks=image_chunks(cons.shape))
+        out.create_dataset("ambiguity", data=amb, compression="gzip", chunks=image_chunks(amb.shape))
         out.create_dataset("ged", data=ged)
         out.attrs["inference"] = str(inference_h5)
         out.attrs["calibration"] = "none" if cal is None else cal.method
     with atomic_path(out_csv) as tmp:
         pd.DataFrame({"id": ids, "ged": ged, "ambiguity_area": area}).to_csv(tmp, index=False)
-    summary = {"n_images": int(n), "mean_ged": float(ged.mean()),
-               "mean_ambiguity_area": float(area.mean())}
+    summary = {"n_images": int(n), "mean_ged": float(ged.mean()) if n else float("nan"),
+               "mean_ambiguity_area": float(area.mean()) if n else float("nan")}
+
     logger.info("uncertainty: %s", summary)
     return summary
