@@ -54,6 +54,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _check_noise(images: torch.Tensor, noise: torch.Tensor) -> tuple[int, ...]:
+    """images.shape, after checking that noise is (B, D, 3, H, W) for these images."""
+    b, _, h, w = images.shape
+    if noise.ndim != 5 or noise.shape[0] != b or tuple(noise.shape[2:]) != tuple(images.shape[1:]):
+        raise ValueError(f"noise must have shape (B={b}, D, 3, {h}, {w}), got {tuple(noise.shape)}")
+    return tuple(images.shape)
+
+
+def _label_batch(labels: tuple[int, int], n: int, device: torch.device) -> torch.Tensor:
+    """Labels for the doubled batch: n rows of labels[0], then n rows of labels[1]."""
+    return torch.cat([torch.full((n,), label, dtype=torch.long, device=device) for label in labels])
+
+
 def noise_difference(
     model: torch.nn.Module,
     alpha_bar: torch.Tensor,
@@ -67,15 +80,13 @@ def noise_difference(
 
     One forward call per draw holds every image x timestep x label (batch 2*B*T).
     """
-    b, _, h, w = images.shape
-    if noise.ndim != 5 or noise.shape[0] != b or tuple(noise.shape[2:]) != tuple(images.shape[1:]):
-        raise ValueError(f"noise must have shape (B={b}, D, 3, {h}, {w}), got {tuple(noise.shape)}")
+    b, _, h, w = _check_noise(images, noise)
     device = images.device
     n_t = len(timesteps)
     t_per_image = torch.as_tensor(list(timesteps), dtype=torch.long, device=device)
     t_flat = t_per_image.repeat(b)  # image-major: (b0 t0, b0 t1, ..., b1 t0, ...)
     x0_flat = images.repeat_interleave(n_t, dim=0)
-    y = torch.cat([torch.full((b * n_t,), label, dtype=torch.long, device=device) for label in labels])
+    y = _label_batch(labels, b * n_t, device)
     total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for d in range(noise.shape[1]):
@@ -121,15 +132,13 @@ def reconstruction_difference(
     """
     if compare not in ("c1", "input"):
         raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {compare!r}")
-    b, _, h, w = images.shape
-    if noise.ndim != 5 or noise.shape[0] != b or tuple(noise.shape[2:]) != tuple(images.shape[1:]):
-        raise ValueError(f"noise must have shape (B={b}, D, 3, {h}, {w}), got {tuple(noise.shape)}")
+    b, _, h, w = _check_noise(images, noise)
     device, n_t = images.device, len(timesteps)
     paths = [ddim_timesteps(int(t0), steps) for t0 in timesteps]
     n_steps = max(len(p) for p in paths)
     paths = [p + [-1] * (n_steps - len(p)) for p in paths]  # -1: this t0's path is already at x0
     x0_flat = images.repeat_interleave(n_t, dim=0)
-    y = torch.cat([torch.full((b * n_t,), label, dtype=torch.long, device=device) for label in labels])
+    y = _label_batch(labels, b * n_t, device)
     total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for d in range(noise.shape[1]):
