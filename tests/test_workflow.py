@@ -128,3 +128,22 @@ def test_html_report_holds_the_table_and_figures(tiny_run):
     assert len(report) > 10_000
     for name in ["table.md", "summary.png", "ddpm_loss.png", "preview.png"]:
         assert name in report, name
+
+
+ABLATION_OVERLAYS = sorted(p.name for p in (REPO / "config" / "ablation").glob("*.yaml"))
+
+
+@pytest.mark.skipif(not ISIC_256.is_dir(), reason="shared ISIC data absent")
+@pytest.mark.parametrize("overlay", ["(none)", *ABLATION_OVERLAYS])
+def test_quick_benchmark_and_each_ablation_row_plan_the_full_chain(tmp_path, overlay):
+    """Every command of docs/RESULTS.md's quick benchmark and ablation passes validation and plans."""
+    wf = workflow_copy(tmp_path)
+    (wf / "data.yaml").write_text(yaml.safe_dump({"data_dir": str(ISIC_256)}))
+    files = ["config/config.yaml", "config/isic2018_quick.yaml", "data.yaml"]
+    if overlay != "(none)":
+        files.append(f"config/ablation/{overlay}")
+    run = snakemake(wf, "-n", configfiles=tuple(files))
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = planned_jobs(run.stdout)
+    for rule in ["prepare_dataset", "train_ddpm", "noise_difference", "calibrate", "crf_fusion", "evaluate"]:
+        assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
