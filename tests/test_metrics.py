@@ -102,3 +102,13 @@ def test_aggregate_is_macro_mean():
     assert means["dice"] == 0.75 and means["jaccard"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="non-empty"):
         aggregate(table.iloc[:0])
+
+
+def test_fast_dice_equals_mask_metrics_dice():
+    from diffseg.metrics import dice
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pred, truth = rng.random((9, 9)) > 0.6, rng.random((9, 9)) > 0.5
+        assert dice(pred, truth) == mask_metrics(pred, truth)["dice"]
+    assert dice(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0

@@ -35,6 +35,7 @@ from skimage.morphology import disk
 
 from diffseg.atomic import atomic_path
 from diffseg.imageio import InputError
+from diffseg.metrics import dice
 
 logger = logging.getLogger(__name__)
 
@@ -158,19 +159,13 @@ def bias_map(val_maps: np.ndarray, val_truth: np.ndarray | None = None) -> np.nd
     return out.astype(np.float32)
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two bool masks (H, W); both empty -> 1 (the ISIC convention of diffseg.metrics)."""
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(pred, truth).sum() / total)
-
-
 def _val_dice(maps: np.ndarray, truth: np.ndarray, cal: Calibration) -> tuple[float, np.ndarray]:
     """(mean Dice of the vote, mean Dice per timestep) of a calibration on the validation images."""
     vote_dice, per_t = [], []
     for m, y in zip(maps, truth):
         _, binary = apply_calibration(m, cal)
-        vote_dice.append(_dice(vote(binary), y))
-        per_t.append([_dice(b.astype(bool), y) for b in binary])
+        vote_dice.append(dice(vote(binary), y))
+        per_t.append([dice(b, y) for b in binary])
     return float(np.mean(vote_dice)), np.mean(per_t, axis=0)
 
 

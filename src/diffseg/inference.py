@@ -28,14 +28,13 @@ from diffseg.imageio import InputError
 from diffseg.schedule import alpha_bars, linear_betas, q_sample
 from diffseg.seeding import image_generator
 from diffseg.shards import shard_indices
-from diffseg.train import resolve_device
+from diffseg.train import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
 NORMALISE_METHODS = ("p99", "max", "none")
 INFERENCE_METHODS = ("paper", "reconstruct")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------- the model passes
@@ -238,12 +237,9 @@ def postprocess_image(raw: np.ndarray, *, normalise: str = "p99", threshold: flo
 
 
 def resolve_autocast(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 autocast on CUDA for 'auto'; fp32 (None) on CPU unless asked explicitly."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"inference.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """bf16 autocast on CUDA for 'auto'; None (plain fp32) on CPU unless asked explicitly."""
+    dtype = resolve_dtype(precision, device, key="inference.precision")
+    return None if dtype == torch.float32 else dtype
 
 
 def alpha_bar_tensor(diffusion_cfg: dict, device: torch.device) -> torch.Tensor:

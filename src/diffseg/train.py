@@ -104,10 +104,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 on CUDA for "auto", fp32 on CPU unless asked otherwise."""
+def resolve_dtype(precision: str, device: torch.device, key: str = "train.precision") -> torch.dtype:
+    """Autocast dtype: bf16 on CUDA for "auto", fp32 on CPU unless asked otherwise (``key`` names the setting)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"{key} must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
