@@ -2,7 +2,8 @@
 
 Builds a dataset.h5 and an inference.h5 of synthetic dermoscopy-like images (dark disc on skin,
 soft maps = blurred disc plus speckle) in a temporary folder and times the whole stage: reading,
-K rounds x subset_size CRFs per image, and the original-size PNGs.
+K rounds x subset_size CRFs per image, and the crf.h5 write (the original-size PNGs are rule
+export_masks's, not timed here).
 
     .venv/bin/python bench/crf_throughput.py --threads 1 --n-images 32
 """
@@ -20,7 +21,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from diffseg.crf import run_crf
+from diffseg.crf import CRFSettings, run_crf
 
 
 def synthetic_inputs(folder: Path, n_images: int, size: int, n_maps: int, orig_size: int) -> None:
@@ -54,14 +55,13 @@ def main() -> None:
     parser.add_argument("--maps", type=int, default=10, help="T, soft maps per image")
     parser.add_argument("--rounds", type=int, default=3, help="K")
     parser.add_argument("--subset-size", type=int, default=4)
-    parser.add_argument("--orig-size", type=int, default=0, help="PNG side in px (0: same as --size)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        synthetic_inputs(folder, args.n_images, args.size, args.maps, args.orig_size or args.size)
+        synthetic_inputs(folder, args.n_images, args.size, args.maps, args.size)
         began = time.perf_counter()
-        run_crf(folder / "dataset.h5", folder / "inference.h5", folder / "crf.h5", folder / "png",
-                threads=args.threads, rounds=args.rounds, subset_size=args.subset_size)
+        run_crf(folder / "dataset.h5", folder / "inference.h5", folder / "crf.h5",
+                CRFSettings(rounds=args.rounds, subset_size=args.subset_size), threads=args.threads)
         seconds = time.perf_counter() - began
     crfs = args.n_images * args.rounds * args.subset_size
     print(f"machine: {platform.node()} ({os.cpu_count()} CPUs), threads={args.threads}, "

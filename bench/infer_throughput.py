@@ -20,15 +20,9 @@ import h5py
 import numpy as np
 import torch
 
-from diffseg.inference import (
-    DEFAULT_TIMESTEPS,
-    alpha_bar_tensor,
-    check_timesteps,
-    create_output,
-    infer_batches,
-    resolve_autocast,
-    resolve_device,
-)
+from diffseg.inference import DEFAULT_TIMESTEPS, InferenceSettings, check_timesteps, create_output, infer_batches
+from diffseg.runtime import resolve_autocast, resolve_device
+from diffseg.schedule import Schedule
 
 def load(args, device: torch.device):
     """(model, diffusion config, image size) from --checkpoint, or the default model with random weights."""
@@ -49,13 +43,14 @@ def batches(images: np.ndarray, size: int):
         yield images[start : start + size]
 
 
-def run_once(model, alpha_bar, images, out_path, args, autocast_dtype, device) -> float:
+def run_once(model, schedule, images, out_path, args, device) -> float:
     ids = [f"bench_{i:06d}" for i in range(len(images))]
+    settings = InferenceSettings(timesteps=args.timesteps, noise_draws=args.noise_draws, precision=args.precision)
     start = time.perf_counter()
     with h5py.File(out_path, "w") as out:
         create_output(out, ids, args.timesteps, images.shape[1], {"method": "paper"})
-        infer_batches(model, alpha_bar, ids, batches(images, args.batch_images), out, timesteps=args.timesteps,
-                      noise_draws=args.noise_draws, autocast_dtype=autocast_dtype, device=device, progress=False)
+        infer_batches(model, schedule, ids, batches(images, args.batch_images), out, settings, device=device,
+                      progress=False)
     return time.perf_counter() - start
 
 
@@ -85,13 +80,13 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         model = torch.compile(model)
-    alpha_bar = alpha_bar_tensor(diffusion, device)
+    schedule = Schedule.from_config(diffusion, device)
     n_params = sum(p.numel() for p in model.parameters())
     images = np.random.default_rng(0).integers(0, 256, (args.n_images, size, size, 3), dtype=np.uint8)
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_once(model, alpha_bar, images[: args.batch_images], Path(tmp) / "warm.h5", args, autocast_dtype, device)
-        seconds = run_once(model, alpha_bar, images, Path(tmp) / "bench.h5", args, autocast_dtype, device)
+        run_once(model, schedule, images[: args.batch_images], Path(tmp) / "warm.h5", args, device)
+        seconds = run_once(model, schedule, images, Path(tmp) / "bench.h5", args, device)
     passes = 2 * len(args.timesteps) * args.noise_draws
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, autocast {autocast_dtype or 'fp32'}, compile {args.compile}, "

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from diffseg.augment import PairedAugment
-from diffseg.ddpm import MODEL_DEFAULTS, PairSampler, build_model, epsilon_loss
-from diffseg.schedule import alpha_bars, linear_betas
+from diffseg.ddpm import DIFFUSION_DEFAULTS, MODEL_DEFAULTS, PairSampler, build_model, epsilon_loss
+from diffseg.schedule import Schedule
 from diffseg.train import Trainer
 from diffseg.unet import count_parameters
 
@@ -60,8 +60,8 @@ def main() -> None:
             config={}, steps=args.warmup + args.steps, precision=args.precision, compile=args.compile,
             channels_last=args.channels_last, device=args.device,
         )
-        alpha_bar = torch.as_tensor(alpha_bars(linear_betas()), dtype=torch.float32, device=trainer.device)
-        trainer.loss_fn = lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], alpha_bar, g)
+        schedule = Schedule.from_config(DIFFUSION_DEFAULTS, trainer.device)
+        trainer.loss_fn = lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], schedule, g)
         sampler.to(trainer.device, trainer.memory_format)
         for step in range(args.warmup):
             trainer.train_step(step)

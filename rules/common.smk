@@ -54,7 +54,12 @@ SPLITS = config["inference"]["splits"]
 EVAL_SPLIT = config["evaluate"]["split"]
 BASELINES = config["baselines"]["methods"]
 TRAINED_BASELINES = [b for b in BASELINES if b != "otsu"]
-GPU_RESOURCES = {"gpu": 1, "mem_mb": 32000, "runtime": 240}
+# The GPU rules' resources, in one place (the SLURM profile adds only the partition and CPU count).
+GPU_RESOURCES = {
+    "train_ddpm": {"gpu": 1, "mem_mb": 32000, "runtime": 480},
+    "train_baseline": {"gpu": 1, "mem_mb": 16000, "runtime": 120},
+    "noise_difference": {"gpu": 1, "mem_mb": 16000, "runtime": 60},
+}
 
 
 wildcard_constraints:

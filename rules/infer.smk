@@ -13,7 +13,7 @@ rule noise_difference:
         f"{R}/benchmarks/noise_difference/{{split}}_shard-{{shard}}.tsv"
     threads: 2
     resources:
-        **GPU_RESOURCES,
+        **GPU_RESOURCES["noise_difference"],
     conda:
         ENV
     script:

@@ -16,7 +16,7 @@ rule train_ddpm:
         f"{R}/benchmarks/train_ddpm.tsv"
     threads: 4
     resources:
-        **GPU_RESOURCES,
+        **GPU_RESOURCES["train_ddpm"],
     conda:
         ENV
     script:
@@ -38,7 +38,7 @@ rule train_baseline:
         f"{R}/benchmarks/train_baseline/{{baseline}}.tsv"
     threads: 4
     resources:
-        **GPU_RESOURCES,
+        **GPU_RESOURCES["train_baseline"],
     conda:
         ENV
     script:

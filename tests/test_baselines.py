@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from diffseg.baselines import (
-    choose_otsu_channel,
     otsu_channel_scores,
     otsu_segment,
     predict_baseline,
@@ -110,13 +109,14 @@ RED_ONLY = ((160, 160, 160), (60, 160, 160))
 BLUE_ONLY = ((160, 160, 160), (160, 160, 60))
 
 
-def test_choose_otsu_channel_picks_the_separating_channel():
+def test_otsu_channel_scores_favour_the_separating_channel():
+    """The scores otsu_predict chooses from (the choice itself: the next test, through predict_baseline)."""
     rng = np.random.default_rng(2)
     pairs = [blob_image(rng, *BLUE_ONLY, noise=12.0) for _ in range(8)]
     images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     scores = otsu_channel_scores(images, masks)
     assert scores["blue"] > 0.9 and scores["red"] < 0.7 and scores["gray"] < 0.8
-    assert choose_otsu_channel(images, masks) == "blue"
+    assert max(scores.values()) == scores["blue"]
 
 
 def test_otsu_channel_is_chosen_on_val_not_on_predicted_split(tmp_path):

@@ -4,11 +4,10 @@ import h5py
 import numpy as np
 import pytest
 
-from diffseg.calibration import (PAPER, Calibration, apply_calibration, bias_map, choose_threshold, cleanup,
-                                 fit_calibration, load_calibration, run_calibrate, save_calibration, threshold_grid,
-                                 vote)
+from diffseg.calibration import (bias_map, choose_threshold, fit_calibration, load_calibration, run_calibrate,
+                                 save_calibration, threshold_grid)
 from diffseg.imageio import InputError
-from diffseg.inference import postprocess_image
+from diffseg.postprocess import PAPER, Calibration, apply_calibration, cleanup, postprocess_image, vote
 
 R = 16
 
@@ -167,3 +166,18 @@ def test_save_load_paper_and_errors(tmp_path):
         load_calibration(tmp_path / "bad.h5")
     with pytest.raises(ValueError, match="calibration.method"):
         Calibration(method="magic")
+
+
+def test_binary_outputs_stored_for_the_paper_identity_computed_otherwise():
+    from diffseg.postprocess import binary_outputs, needs_maps
+
+    maps, truth = val_set(n=2)
+    stored = np.zeros(maps.shape, np.uint8)  # deliberately unlike maps > 0.5: must come back untouched
+    assert binary_outputs(None, stored) is stored and binary_outputs(PAPER, stored, maps) is stored
+    assert not needs_maps(None) and not needs_maps(PAPER)
+    cal = Calibration(method="calibrated", threshold=0.02, blur_sigma=0.0)
+    assert needs_maps(cal)
+    np.testing.assert_array_equal(binary_outputs(cal, stored, maps), np.stack([apply_calibration(m, cal)[1] for m in maps]))
+    np.testing.assert_array_equal(binary_outputs(cal, stored[0], maps[0]), apply_calibration(maps[0], cal)[1])
+    with pytest.raises(ValueError, match="needs the maps"):
+        binary_outputs(cal, stored)

@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from diffseg.crf import crf_fusion, dense_crf, run_crf, write_original_size_pngs
+from diffseg.crf import CRFSettings, crf_fusion, dense_crf, run_crf
+from diffseg.export import export_masks, write_original_size_pngs
 from diffseg.imageio import InputError, read_mask
 from diffseg.seeding import image_rng
 
@@ -80,8 +81,8 @@ def test_crf_fusion_rounds_use_sampled_subsets():
     image, disc, soft, _ = _scene(32)
     maps = np.zeros((4, 32, 32))
     maps[0] = disc
-    fused, per_round = crf_fusion(image, maps, np.random.default_rng(3), rounds=6, subset_size=2,
-                                  threshold=0.25)
+    fused, per_round = crf_fusion(image, maps, np.random.default_rng(3),
+                                  CRFSettings(rounds=6, subset_size=2, threshold=0.25))
     rng = np.random.default_rng(3)
     expected = [0 in rng.choice(4, size=2, replace=False) for _ in range(6)]
     assert 0 < sum(expected) < 6  # the seed gives both kinds of round
@@ -132,11 +133,9 @@ def _write_inputs(tmp_path, n_maps=5):
 
 def test_run_crf_outputs_and_thread_independence(tmp_path):
     scenes, maps = _write_inputs(tmp_path)
-    kwargs = dict(rounds=3, subset_size=2, seed=5)
-    summary = run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "one.h5",
-                      tmp_path / "png1", threads=1, **kwargs)
-    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "two.h5",
-            tmp_path / "png2", threads=2, **kwargs)
+    settings = CRFSettings(rounds=3, subset_size=2, seed=5)
+    summary = run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "one.h5", settings, threads=1)
+    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "two.h5", settings, threads=2)
     assert summary["n_images"] == 4
     with h5py.File(tmp_path / "one.h5") as one, h5py.File(tmp_path / "two.h5") as two:
         assert list(one["ids"].asstr()[:]) == IDS
@@ -146,15 +145,18 @@ def test_run_crf_outputs_and_thread_independence(tmp_path):
             np.testing.assert_array_equal(one[key][:], two[key][:])
         # each image was fused with its own image and its own per-image rng
         fused, per_round = crf_fusion(scenes[2][0], maps[2].astype(np.float16),
-                                      image_rng(5, IDS[2]), rounds=3, subset_size=2)
+                                      image_rng(5, IDS[2]), CRFSettings(rounds=3, subset_size=2))
         np.testing.assert_array_equal(one["fused"][2], fused)
         np.testing.assert_array_equal(one["rounds"][2], per_round)
         for k, image_id in enumerate(IDS):
             assert _dice(one["fused"][k].astype(bool), scenes[k][1]) > 0.9
+    # the original-size PNGs are exported from the fused masks (diffseg.export), whatever the threads
+    for name in ("one", "two"):
+        export_masks(tmp_path / "dataset.h5", tmp_path / f"{name}.h5", tmp_path / f"png_{name}")
     for image_id in IDS:
-        png = np.asarray(Image.open(tmp_path / "png1" / f"{image_id}_segmentation.png"))
+        png = np.asarray(Image.open(tmp_path / "png_one" / f"{image_id}_segmentation.png"))
         assert png.shape == ORIG[image_id] and set(np.unique(png)) == {0, 255}
-        other = np.asarray(Image.open(tmp_path / "png2" / f"{image_id}_segmentation.png"))
+        other = np.asarray(Image.open(tmp_path / "png_two" / f"{image_id}_segmentation.png"))
         np.testing.assert_array_equal(png, other)
 
 
@@ -166,16 +168,15 @@ def test_run_crf_missing_id_names_id_and_files(tmp_path):
         del f["test/ids"]
         f["test"].create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
     with pytest.raises(InputError, match=r"inference\.h5: image id ISIC_0000011 .*'test' of .*dataset\.h5"):
-        run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "o.h5", tmp_path / "png")
+        run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "o.h5")
     with pytest.raises(ValueError, match=r"crf\.subset_size = 6.*T = 5"):
-        run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "o.h5", tmp_path / "png",
-                subset_size=6)
+        run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "o.h5", CRFSettings(subset_size=6))
     assert not (tmp_path / "o.h5").exists()
 
 
-def test_run_crf_without_png_dir_writes_only_h5(tmp_path):
+def test_run_crf_writes_only_its_h5(tmp_path):
     _write_inputs(tmp_path)
-    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "crf.h5", None, subset_size=2)
+    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "crf.h5", CRFSettings(subset_size=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crf.h5", "dataset.h5", "inference.h5"]
     with h5py.File(tmp_path / "crf.h5") as f:
         assert f["fused"].shape == (4, 32, 32) and f["rounds"].shape == (4, 3, 32, 32)
@@ -183,21 +184,22 @@ def test_run_crf_without_png_dir_writes_only_h5(tmp_path):
 
 def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
     """A calibrated run fuses the calibrated probabilities and also writes the paper's fusion of the raw maps."""
-    from diffseg.calibration import Calibration, apply_calibration, save_calibration
+    from diffseg.calibration import save_calibration
+    from diffseg.postprocess import Calibration, apply_calibration
 
     scenes, maps = _write_inputs(tmp_path)
     cal = Calibration(method="calibrated", threshold=0.4, blur_sigma=0.0, sigmoid_scale=0.1, timesteps=[60] * 5)
     save_calibration(tmp_path / "cal.h5", cal, maps.shape[1:], {})
-    kwargs = dict(rounds=3, subset_size=2, seed=5)
-    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "paper.h5", None, **kwargs)
-    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "cal_out.h5", None,
-            calibration_h5=tmp_path / "cal.h5", **kwargs)
+    settings = CRFSettings(rounds=3, subset_size=2, seed=5)
+    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "paper.h5", settings)
+    run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "cal_out.h5", settings,
+            calibration_h5=tmp_path / "cal.h5")
     with h5py.File(tmp_path / "paper.h5") as paper, h5py.File(tmp_path / "cal_out.h5") as calibrated:
         assert "paper_fused" not in paper and calibrated.attrs["calibration"] == "calibrated"
         np.testing.assert_array_equal(calibrated["paper_fused"][:], paper["fused"][:])
         np.testing.assert_array_equal(calibrated["paper_rounds"][:], paper["rounds"][:])
         prob, _ = apply_calibration(maps[1].astype(np.float16), cal)
-        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, IDS[1]), rounds=3, subset_size=2)
+        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, IDS[1]), CRFSettings(rounds=3, subset_size=2))
         np.testing.assert_array_equal(calibrated["fused"][1], fused)
 
 
@@ -215,7 +217,17 @@ def test_run_crf_accepts_an_empty_shard(tmp_path):
         f.create_dataset("timesteps", data=np.array([60, 70], np.int32))
         f.create_dataset("maps", data=np.zeros((0, 2, 8, 8), np.float16))
         f.create_dataset("binary", data=np.zeros((0, 2, 8, 8), np.uint8))
-    summary = run_crf(dataset, inference, tmp_path / "crf.h5", None, subset_size=2)
+    summary = run_crf(dataset, inference, tmp_path / "crf.h5", CRFSettings(subset_size=2))
     assert summary["n_images"] == 0
     with h5py.File(tmp_path / "crf.h5") as f:
         assert f["fused"].shape == (0, 8, 8) and f["rounds"].shape == (0, 3, 8, 8)
+
+
+def test_crf_settings_from_config_and_defaults():
+    s = CRFSettings.from_config({"bilateral_sxy": 20, "rounds": 2})
+    assert s.bilateral_sxy == 20 and s.rounds == 2 and s.subset_size == 4  # schema default
+    assert CRFSettings.from_config({}) == CRFSettings()
+    with pytest.raises(ValueError, match="unknown key.*'crf': round"):
+        CRFSettings.from_config({"round": 2})
+    with pytest.raises(ValueError, match=r"crf\.rounds = 0"):
+        CRFSettings(rounds=0)

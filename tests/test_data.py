@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.data import discover_pairs, load_split, prepare_dataset, read_split_csv, resize_mask
+from diffseg.data import discover_pairs, load_split, prepare_dataset, resize_mask
 from diffseg.imageio import InputError
 from diffseg.inpaint import dilate_mask
 
@@ -159,6 +159,12 @@ def test_masks_stay_binary_and_follow_area_after_resize():
 
 
 # ----------------------------------------------------------------------------- split
+
+
+def read_split_csv(path) -> dict[str, str]:
+    """``{id: split}`` from the split table (columns ``id, split``) that prepare_dataset writes."""
+    with open(path, newline="") as fh:
+        return {row["id"]: row["split"] for row in csv.DictReader(fh)}
 
 
 def test_split_reproducible_seeded_and_fraction_sized(tmp_path):

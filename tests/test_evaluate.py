@@ -247,7 +247,8 @@ def test_export_masks_unknown_id_names_split(tmp_path):
 
 def test_calibrated_rows_beside_the_paper_rows(files, tmp_path):
     """A calibration (largest component) removes the false positive of t=60; the paper rows stay as stored."""
-    from diffseg.calibration import Calibration, save_calibration
+    from diffseg.calibration import save_calibration
+    from diffseg.postprocess import Calibration
     from diffseg.evaluate import PAPER_BEST_T_METHOD, PAPER_FINAL_METHOD, PAPER_MEAN_METHOD
 
     cal = Calibration(method="calibrated", threshold=0.5, blur_sigma=0.0, largest_component=True,
@@ -269,7 +270,8 @@ def test_calibrated_rows_beside_the_paper_rows(files, tmp_path):
 
 
 def test_paper_calibration_file_gives_todays_rows(files, tmp_path):
-    from diffseg.calibration import Calibration, save_calibration
+    from diffseg.calibration import save_calibration
+    from diffseg.postprocess import Calibration
 
     save_calibration(tmp_path / "cal.h5", Calibration(timesteps=[60, 70, 80], best_timestep=70), (3, R, R), {})
     with_cal, table_cal, _ = evaluate(files, tmp_path, calibration_h5=tmp_path / "cal.h5")

@@ -14,7 +14,9 @@ from diffseg.ddpm import build_model
 from diffseg.evaluate import FINAL_METHOD
 from diffseg.figures import CASE_SIZE_IN, SUMMARY_SIZE_IN, pick_cases, predict_noise_pair, run_figures
 from diffseg.imageio import InputError
-from diffseg.inference import alpha_bar_tensor, draw_noise, noise_difference, to_model_input
+from diffseg.inference import draw_noise, noise_difference
+from diffseg.runtime import to_model_range
+from diffseg.schedule import Schedule
 from diffseg.train import save_checkpoint
 
 R, DPI = 16, 40
@@ -127,13 +129,13 @@ def test_noise_panels_reproduce_the_inference_difference(tmp_path):
     """|eps_c0 - eps_c1| of the figure's predictions equals eq. 2 as inference computes it (same x_t)."""
     torch.set_num_threads(1)
     net = tiny_checkpoint(tmp_path / "ddpm.pt")
-    alpha_bar = alpha_bar_tensor(DIFFUSION, torch.device("cpu"))
+    schedule = Schedule.from_config(DIFFUSION, torch.device("cpu"))
     image = np.random.default_rng(1).integers(0, 256, (R, R, 3), dtype=np.uint8)
-    eps = predict_noise_pair(net, alpha_bar, image, "ISIC_0000007", 70, seed=3, noise_draws=1,
+    eps = predict_noise_pair(net, schedule, image, "ISIC_0000007", 70, seed=3, noise_draws=1,
                              device=torch.device("cpu"))
     assert eps.shape == (2, 3, R, R)
     noise = draw_noise(["ISIC_0000007"], 3, 1, (3, R, R))
-    expected = noise_difference(net, alpha_bar, to_model_input(image[None], torch.device("cpu")), [70], noise)
+    expected = noise_difference(net, schedule, to_model_range(image[None], torch.device("cpu")), [70], noise)
     figure_diff = np.abs(eps[0] - eps[1]).mean(axis=0)
     assert figure_diff.max() > 1e-3  # the labels really change the prediction
     np.testing.assert_allclose(figure_diff, expected[0, 0].numpy(), atol=1e-5)

@@ -12,14 +12,9 @@ from torch import nn
 import diffseg
 import diffseg.inference
 from diffseg.imageio import InputError
-from diffseg.inference import (
-    binarize,
-    draw_noise,
-    noise_difference,
-    normalise,
-    run_inference,
-)
-from diffseg.schedule import alpha_bars, linear_betas, q_sample
+from diffseg.inference import InferenceSettings, draw_noise, noise_difference, run_inference
+from diffseg.postprocess import binarize, normalise
+from diffseg.schedule import Schedule, q_sample
 
 torch.set_num_threads(1)
 
@@ -49,8 +44,8 @@ def make_model(seed: int = 0) -> StandIn:
     return StandIn().eval()
 
 
-def alpha_bar() -> torch.Tensor:
-    return torch.as_tensor(alpha_bars(linear_betas(**DIFFUSION)), dtype=torch.float32)
+def schedule() -> Schedule:
+    return Schedule.from_config(DIFFUSION)
 
 
 def write_dataset(path: Path, n: int = 7, res: int = RES, split: str = "test") -> list[str]:
@@ -90,9 +85,13 @@ def dataset(tmp_path):
     return path, write_dataset(path)
 
 
+RUN_ARGS = ("split", "shard", "n_shards")  # run_inference's own; the rest are InferenceSettings
+
+
 def run(dataset_h5, ckpt, out, **kw):
     kw = {"timesteps": TIMESTEPS, "device": "cpu", **kw}
-    return run_inference(dataset_h5, ckpt, out, **kw)
+    settings = InferenceSettings(**{k: v for k, v in kw.items() if k not in RUN_ARGS})
+    return run_inference(dataset_h5, ckpt, out, settings, **{k: v for k, v in kw.items() if k in RUN_ARGS})
 
 
 def read_all(path):
@@ -106,17 +105,18 @@ def read_all(path):
 def test_same_label_twice_gives_exactly_zero():
     images = torch.rand(2, 3, RES, RES) * 2 - 1
     noise = draw_noise(["a", "b"], 0, 2, (3, RES, RES))
-    diff = noise_difference(make_model(), alpha_bar(), images, TIMESTEPS, noise, labels=(1, 1))
+    diff = noise_difference(make_model(), schedule(), images, TIMESTEPS, noise, labels=(1, 1))
     assert diff.shape == (2, len(TIMESTEPS), RES, RES) and diff.dtype == torch.float32
     assert torch.count_nonzero(diff) == 0
 
 
 def test_noise_difference_equals_per_image_per_timestep_reference():
     """The single batched call must reproduce separate forward passes under c0 and c1 on the same x_t."""
-    model, abar = make_model(), alpha_bar()
+    model, sched = make_model(), schedule()
+    abar = sched.alpha_bar
     images = torch.rand(3, 3, RES, RES) * 2 - 1
     noise = draw_noise(["a", "b", "c"], 4, 2, (3, RES, RES))
-    got = noise_difference(model, abar, images, TIMESTEPS, noise)
+    got = noise_difference(model, sched, images, TIMESTEPS, noise)
     ref = torch.zeros_like(got)
     with torch.no_grad():
         for i in range(3):
@@ -150,8 +150,8 @@ def test_noise_difference_batch_invariant_for_conditional_unet():
             nn.init.normal_(p, std=0.1)
     images = torch.rand(4, 3, RES, RES) * 2 - 1
     noise = draw_noise(list("abcd"), 0, 1, (3, RES, RES))
-    together = noise_difference(model, alpha_bar(), images, TIMESTEPS, noise)
-    alone = torch.cat([noise_difference(model, alpha_bar(), images[i : i + 1], TIMESTEPS, noise[i : i + 1])
+    together = noise_difference(model, schedule(), images, TIMESTEPS, noise)
+    alone = torch.cat([noise_difference(model, schedule(), images[i : i + 1], TIMESTEPS, noise[i : i + 1])
                        for i in range(4)])
     assert together.mean() > 1e-3
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
@@ -159,7 +159,7 @@ def test_noise_difference_batch_invariant_for_conditional_unet():
 
 def test_noise_shape_is_checked():
     with pytest.raises(ValueError, match="noise must have shape"):
-        noise_difference(make_model(), alpha_bar(), torch.zeros(2, 3, RES, RES), TIMESTEPS,
+        noise_difference(make_model(), schedule(), torch.zeros(2, 3, RES, RES), TIMESTEPS,
                          torch.zeros(2, 3, RES, RES))
 
 
@@ -384,7 +384,7 @@ def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
                    device="cpu", precision="fp32"),
     )
     out = tmp_path / "test.h5"
-    run_inference(dataset_h5, ckpt, out, device="cpu")  # the default timesteps 60..150
+    run_inference(dataset_h5, ckpt, out, InferenceSettings(device="cpu"))  # the default timesteps 60..150
     with h5py.File(out, "r") as fh:
         mean_map = fh["maps"][()].astype(np.float32).mean(axis=1)
     with h5py.File(dataset_h5, "r") as fh:
@@ -412,10 +412,10 @@ def test_reconstruction_with_same_label_gives_exactly_zero():
 
     images = torch.rand(2, 3, RES, RES) * 2 - 1
     noise = draw_noise(["a", "b"], 0, 2, (3, RES, RES))
-    diff = reconstruction_difference(make_model(), alpha_bar(), images, TIMESTEPS, noise, labels=(1, 1), steps=3)
+    diff = reconstruction_difference(make_model(), schedule(), images, TIMESTEPS, noise, labels=(1, 1), steps=3)
     assert diff.shape == (2, len(TIMESTEPS), RES, RES)
     assert torch.count_nonzero(diff) == 0
-    differs = reconstruction_difference(make_model(), alpha_bar(), images, TIMESTEPS, noise, steps=3)
+    differs = reconstruction_difference(make_model(), schedule(), images, TIMESTEPS, noise, steps=3)
     assert differs.mean() > 1e-3
 
 
@@ -423,28 +423,29 @@ def test_reconstruction_one_step_is_the_x0_prediction():
     """steps=1: x0_c = clamp((x_t - sqrt(1-a) eps_c) / sqrt(a)); the map is their channel-mean difference."""
     from diffseg.inference import reconstruction_difference
 
-    model, abar = make_model(), alpha_bar()
+    model, sched = make_model(), schedule()
+    abar = sched.alpha_bar
     images = torch.rand(1, 3, RES, RES) * 2 - 1
     noise = draw_noise(["a"], 0, 1, (3, RES, RES))
-    got = reconstruction_difference(model, abar, images, [20], noise, steps=1)
+    got = reconstruction_difference(model, sched, images, [20], noise, steps=1)
     tt = torch.tensor([20])
     x_t = q_sample(images, tt, noise[:, 0], abar)
     with torch.no_grad():
         x0 = [((x_t - (1 - abar[20]).sqrt() * model(x_t, tt, torch.tensor([c]))) / abar[20].sqrt()).clamp(-1, 1)
               for c in (0, 1)]
     torch.testing.assert_close(got[0, 0], (x0[0] - x0[1]).abs().mean(dim=1)[0], atol=1e-5, rtol=1e-5)
-    to_input = reconstruction_difference(model, abar, images, [20], noise, steps=1, compare="input")
+    to_input = reconstruction_difference(model, sched, images, [20], noise, steps=1, compare="input")
     torch.testing.assert_close(to_input[0, 0], (x0[0] - images).abs().mean(dim=1)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_reconstruction_batch_invariant():
     from diffseg.inference import reconstruction_difference
 
-    model, abar = make_model(), alpha_bar()
+    model, sched = make_model(), schedule()
     images = torch.rand(3, 3, RES, RES) * 2 - 1
     noise = draw_noise(list("abc"), 0, 1, (3, RES, RES))
-    together = reconstruction_difference(model, abar, images, TIMESTEPS, noise, steps=4)
-    alone = torch.cat([reconstruction_difference(model, abar, images[i:i + 1], TIMESTEPS, noise[i:i + 1], steps=4)
+    together = reconstruction_difference(model, sched, images, TIMESTEPS, noise, steps=4)
+    alone = torch.cat([reconstruction_difference(model, sched, images[i:i + 1], TIMESTEPS, noise[i:i + 1], steps=4)
                        for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
@@ -472,3 +473,20 @@ def test_bad_reconstruction_settings_name_the_key(fake_ddpm, dataset, tmp_path):
         run(path, fake_ddpm, tmp_path / "x.h5", method="bogus")
     with pytest.raises(ValueError, match="inference.recon_compare"):
         run(path, fake_ddpm, tmp_path / "x.h5", method="reconstruct", recon_compare="c0")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_inference_settings_from_config_validate_once():
+    s = InferenceSettings.from_config({"splits": ["val", "test"], "timesteps": [100, 200], "threshold": "otsu"})
+    assert s.timesteps == (100, 200) and s.threshold == "otsu" and s.batch_images == 16  # schema default
+    assert InferenceSettings.from_config(None) == InferenceSettings()
+    with pytest.raises(ValueError, match="unknown key.*'inference': timestep"):
+        InferenceSettings.from_config({"timestep": [1]})
+    with pytest.raises(ValueError, match="inference.timesteps is empty"):
+        InferenceSettings(timesteps=[])
+    with pytest.raises(ValueError, match="inference.noise_draws"):
+        InferenceSettings(noise_draws=0)
+    with pytest.raises(ValueError, match="inference.threshold"):
+        InferenceSettings(threshold=1.5)

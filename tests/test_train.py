@@ -8,7 +8,7 @@ import torch
 
 from diffseg.augment import PairedAugment
 from diffseg.ddpm import PairSampler, build_model, epsilon_loss, load_model, resume_path_for, train_ddpm
-from diffseg.schedule import alpha_bars, linear_betas, q_sample
+from diffseg.schedule import Schedule, q_sample
 from diffseg.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
@@ -59,8 +59,8 @@ def make_trainer(tmp_path, steps, name="run", sample_batch=None, loss_fn=None, m
     cfg = {**TINY_MODEL, **(model_cfg or {})}
     model = build_model(cfg, R)
     sampler = PairSampler(images, healthy, 8, PairedAugment(), cfg["class_dropout"], model.null_label)
-    alpha_bar = torch.tensor(alpha_bars(linear_betas(**DIFFUSION)), dtype=torch.float32)
-    loss = loss_fn or (lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], alpha_bar, g))
+    schedule = Schedule.from_config(DIFFUSION)
+    loss = loss_fn or (lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], schedule, g))
     out = tmp_path / name
     kwargs = {k: v for k, v in TRAIN.items() if k != "batch_size"}
     kwargs.update(overrides)
@@ -124,8 +124,9 @@ def test_epsilon_loss_uses_q_sample_with_drawn_t_and_noise():
         return torch.zeros_like(x_t)
 
     x0 = torch.rand(4, 3, R, R) * 2 - 1
-    abar = torch.tensor(alpha_bars(linear_betas(**DIFFUSION)), dtype=torch.float32)
-    loss = epsilon_loss(probe, x0, torch.zeros(4, dtype=torch.long), abar, torch.Generator().manual_seed(5))
+    schedule = Schedule.from_config(DIFFUSION)
+    abar = schedule.alpha_bar
+    loss = epsilon_loss(probe, x0, torch.zeros(4, dtype=torch.long), schedule, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     t = torch.randint(0, 100, (4,), generator=g)
     noise = torch.empty_like(x0).normal_(generator=g)

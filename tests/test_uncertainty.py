@@ -120,7 +120,8 @@ def test_run_uncertainty_missing_key_names_file_and_key(tmp_path):
 
 def test_run_uncertainty_uses_the_calibrated_outputs(tmp_path):
     """With a calibration whose bias map removes image B's marks, B has no ambiguity and GED 0."""
-    from diffseg.calibration import Calibration, save_calibration
+    from diffseg.calibration import save_calibration
+    from diffseg.postprocess import Calibration
 
     binary = np.zeros((2, 4, 8, 8), np.uint8)
     binary[1, :2, :4] = 1

@@ -28,8 +28,8 @@ from diffseg.atomic import atomic_path
 from diffseg.augment import PairedAugment
 from diffseg.data import load_split
 from diffseg.metrics import mask_metrics
-from diffseg.train import (CheckpointError, Trainer, load_checkpoint, resolve_device, resolve_dtype, resume_path_for,
-                           seeded)
+from diffseg.runtime import resolve_device, resolve_dtype, to_model_range
+from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
 from diffseg.unet import SegUNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -94,22 +94,11 @@ def mean_dice(pred_masks: np.ndarray, truth_masks: np.ndarray) -> float:
 def otsu_channel_scores(images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """Mean Dice of otsu_segment on each channel, over (N, H, W, 3) images and (N, H, W) masks."""
     if len(images) == 0 or len(images) != len(masks):
-        raise ValueError(f"choose_otsu_channel: need as many masks as images (> 0), got {len(images)} and {len(masks)}")
+        raise ValueError(f"otsu_channel_scores: need as many masks as images (> 0), got {len(images)} and {len(masks)}")
     return {c: mean_dice([otsu_segment(im, c) for im in images], masks) for c in OTSU_CHANNELS}
 
 
-def choose_otsu_channel(images: np.ndarray, masks: np.ndarray) -> str:
-    """The channel with the best mean Dice (ties: the first in OTSU_CHANNELS). Give it val images."""
-    scores = otsu_channel_scores(images, masks)
-    return max(OTSU_CHANNELS, key=lambda c: scores[c])
-
-
 # ----------------------------------------------------------------------------- U-Net training
-
-
-def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, R, R, 3) uint8 -> (N, 3, R, R) float in [-1, 1], the torch image convention."""
-    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -138,7 +127,7 @@ class MaskSampler:
 
     def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.images.shape[0], (self.batch_size,), generator=generator).to(self.images.device)
-        images = to_unit_range(self.images.index_select(0, idx))
+        images = to_model_range(self.images.index_select(0, idx))
         masks = self.masks.index_select(0, idx)[:, None].float()
         if self.augment is not None:
             images, masks = self.augment(images, generator, masks)
@@ -153,7 +142,7 @@ def predict_masks(model: torch.nn.Module, images: np.ndarray, device: torch.devi
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_unit_range(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device))
+        x = to_model_range(images[start:start + batch_size], device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)
         out.append((logits[:, 0].float() > 0).cpu().numpy())

@@ -1,18 +1,8 @@
-"""Calibration: normalised difference maps -> lesion probabilities and binary outputs.
+"""Calibration fitted on the validation split: the settings that turn normalised maps into probabilities.
 
-One function, :func:`apply_calibration`, turns one image's normalised maps ``(T, H, W)`` (as stored
-in ``inference.h5``) into ``(probabilities, binary)``, both ``(T, H, W)``. Uncertainty, CRF fusion,
-evaluation and figures all call it, so every stage sees the same outputs.
-
-- ``method="paper"``: the identity. Probabilities are the normalised maps themselves and the binary
-  outputs are ``maps > threshold`` (the configured ``inference.threshold``), exactly what inference
-  stores as ``binary``: the paper-faithful path.
-- ``method="calibrated"``: per timestep, subtract a per-pixel bias map (the median map of the
-  VALIDATION images over their background pixels: removes what lights up on every image whatever
-  its lesion, e.g. the border frame), Gaussian-blur,
-  threshold at a value chosen on the validation split (:func:`fit_calibration`), clean up
-  (closing, hole filling, largest component), and give the CRF a probability
-  ``sigmoid((map - threshold) / sigmoid_scale)`` centred on that threshold.
+How a calibration is applied (the paper identity, or bias map + blur + threshold + clean-up +
+sigmoid) is ``diffseg.postprocess.apply_calibration``; this module fits one on the VALIDATION maps
+(:func:`fit_calibration`) and reads/writes it.
 
 ``results/calibration/calibration.h5`` (rule ``calibrate``) holds the fitted settings: attributes
 ``method``, ``threshold``, ``sigmoid_scale``, ``blur_sigma``, ``closing_px``, ``fill_holes``,
@@ -25,107 +15,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
 from typing import Sequence
 
 import h5py
 import numpy as np
-from scipy import ndimage
-from skimage.morphology import disk
 
 from diffseg.atomic import atomic_path
+from diffseg.h5io import check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import dice
+from diffseg.postprocess import Calibration, apply_calibration, corrected_maps, vote
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("paper", "calibrated")
 THRESHOLD_STEPS = 40  # candidate thresholds (quantiles of the val maps) tried by choose_threshold
 SCALE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
-
-
-@dataclass
-class Calibration:
-    """Settings that turn normalised maps into probabilities and binary outputs (see module doc)."""
-
-    method: str = "paper"
-    threshold: float | str = 0.5
-    bias_map: np.ndarray | None = None  # (T, H, W) subtracted from the maps; None = no bias map
-    blur_sigma: float = 0.0
-    sigmoid_scale: float = 0.05
-    closing_px: int = 0
-    fill_holes: bool = False
-    largest_component: bool = False
-    best_timestep: int | None = None
-    timesteps: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"calibration.method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "calibrated" and not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"calibration.threshold must be a number for method 'calibrated', got {self.threshold!r}")
-        if self.sigmoid_scale <= 0:
-            raise ValueError(f"calibration.sigmoid_scale must be > 0, got {self.sigmoid_scale}")
-
-
-PAPER = Calibration()
-
-
-# ----------------------------------------------------------------------------- the one function
-
-
-def cleanup(mask: np.ndarray, *, closing_px: int = 0, fill_holes: bool = False,
-            largest_component: bool = False) -> np.ndarray:
-    """Morphological clean-up of one bool mask (H, W): closing (disk radius), hole filling, largest component."""
-    mask = np.asarray(mask, bool)
-    if closing_px > 0 and mask.any():
-        pad = closing_px  # pad so that closing does not erode objects touching the border
-        padded = np.pad(mask, pad, mode="edge")
-        mask = ndimage.binary_closing(padded, structure=disk(closing_px))[pad:-pad, pad:-pad]
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
-    if largest_component and mask.any():
-        labels, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())[1:]
-            mask = labels == (1 + int(np.argmax(sizes)))
-    return mask
-
-
-def _corrected(maps: np.ndarray, cal: Calibration) -> np.ndarray:
-    """Bias-subtracted, blurred maps (T, H, W) float32."""
-    maps = np.asarray(maps, np.float32)
-    if cal.bias_map is not None:
-        if cal.bias_map.shape != maps.shape:
-            raise ValueError(f"calibration bias_map has shape {cal.bias_map.shape} but the maps are {maps.shape}")
-        maps = maps - cal.bias_map
-    if cal.blur_sigma > 0:
-        maps = ndimage.gaussian_filter(maps, sigma=(0, cal.blur_sigma, cal.blur_sigma), mode="nearest")
-    return maps
-
-
-def apply_calibration(maps: np.ndarray, cal: Calibration = PAPER) -> tuple[np.ndarray, np.ndarray]:
-    """One image's normalised maps (T, H, W) -> (lesion probabilities float32, binary uint8), both (T, H, W).
-
-    For ``method="paper"`` the probabilities are the maps and the binary outputs equal inference's.
-    """
-    from diffseg.inference import binarize  # inference imports torch; keep this module light
-
-    maps = np.asarray(maps, np.float32)
-    if maps.ndim != 3:
-        raise ValueError(f"apply_calibration: maps must be (T, H, W), got {maps.shape}")
-    if cal.method == "paper":
-        return maps, binarize(maps, cal.threshold)
-    corrected = _corrected(maps, cal)
-    prob = 1.0 / (1.0 + np.exp(-(corrected - cal.threshold) / cal.sigmoid_scale))
-    binary = np.stack([cleanup(m > cal.threshold, closing_px=cal.closing_px, fill_holes=cal.fill_holes,
-                               largest_component=cal.largest_component) for m in corrected])
-    return prob.astype(np.float32), binary.astype(np.uint8)
-
-
-def vote(binary: np.ndarray) -> np.ndarray:
-    """Majority of the T binary outputs (T, H, W) -> bool (H, W) (the 'mean of outputs thresholded' row)."""
-    return np.asarray(binary).mean(axis=0) >= 0.5
 
 
 # ----------------------------------------------------------------------------- fitting on val
@@ -147,8 +52,6 @@ def bias_map(val_maps: np.ndarray, val_truth: np.ndarray | None = None) -> np.nd
     background = ~np.asarray(val_truth, bool)[:, None]  # (N, 1, H, W)
     masked = np.where(np.broadcast_to(background, val_maps.shape), val_maps, np.nan)
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels are filled below
             out = np.nanmedian(masked, axis=0)
@@ -187,10 +90,10 @@ def choose_threshold(maps: np.ndarray, truth: np.ndarray, base: Calibration,
     the VALIDATION split: the chosen threshold is then applied unchanged to the test split.
     """
     if grid is None:
-        grid = threshold_grid(np.stack([_corrected(m, base) for m in maps]))
+        grid = threshold_grid(np.stack([corrected_maps(m, base) for m in maps]))
     best = (float(grid[0]), -1.0)
     for thr in grid:
-        score, _ = _val_dice(maps, truth, _replace(base, threshold=float(thr)))
+        score, _ = _val_dice(maps, truth, base.replace(threshold=float(thr)))
         if score > best[1] + 1e-12:
             best = (float(thr), score)
     return best
@@ -199,7 +102,7 @@ def choose_threshold(maps: np.ndarray, truth: np.ndarray, base: Calibration,
 def fit_sigmoid_scale(maps: np.ndarray, truth: np.ndarray, cal: Calibration,
                       grid: Sequence[float] = SCALE_GRID) -> float:
     """Scale of sigmoid((map - threshold) / scale) minimising pixel log-loss on the validation images."""
-    corrected = np.stack([_corrected(m, cal) for m in maps])  # (N, T, H, W)
+    corrected = np.stack([corrected_maps(m, cal) for m in maps])  # (N, T, H, W)
     labels = np.broadcast_to(np.asarray(truth, bool)[:, None], corrected.shape)
     z = corrected - cal.threshold
     losses = []
@@ -209,12 +112,6 @@ def fit_sigmoid_scale(maps: np.ndarray, truth: np.ndarray, cal: Calibration,
         loss = np.where(labels, np.logaddexp(0, -logit), np.logaddexp(0, logit)).mean()
         losses.append(float(loss))
     return float(grid[int(np.argmin(losses))])
-
-
-def _replace(cal: Calibration, **changes) -> Calibration:
-    fields = {k: getattr(cal, k) for k in asdict(cal)}
-    fields.update(changes)
-    return Calibration(**fields)
 
 
 def fit_calibration(val_maps: np.ndarray, val_truth: np.ndarray, timesteps: Sequence[int], *,
@@ -242,11 +139,11 @@ def fit_calibration(val_maps: np.ndarray, val_truth: np.ndarray, timesteps: Sequ
                           fill_holes=bool(fill_holes), largest_component=bool(largest_component),
                           timesteps=timesteps)
         thr, _ = choose_threshold(val_maps, val_truth, cal)
-        cal = _replace(cal, threshold=thr)
+        cal = cal.replace(threshold=thr)
         scale = sigmoid_scale if sigmoid_scale is not None else fit_sigmoid_scale(val_maps, val_truth, cal)
-        cal = _replace(cal, sigmoid_scale=float(scale))
+        cal = cal.replace(sigmoid_scale=float(scale))
     vote_dice, per_t = _val_dice(val_maps, val_truth, cal)
-    cal = _replace(cal, best_timestep=timesteps[int(np.argmax(per_t))])  # earliest t on a tie
+    cal = cal.replace(best_timestep=timesteps[int(np.argmax(per_t))])  # earliest t on a tie
     report = {"method": cal.method, "threshold": cal.threshold, "sigmoid_scale": cal.sigmoid_scale,
               "best_timestep": cal.best_timestep, "val_dice_vote": vote_dice,
               "val_dice_per_t": dict(zip(timesteps, np.round(per_t, 4).tolist()))}
@@ -297,13 +194,9 @@ def run_calibrate(dataset_h5: str | os.PathLike, val_inference_h5: str | os.Path
                   bias: bool = True, blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
                   largest_component: bool = True, sigmoid_scale: float | None = None) -> dict:
     """Fit the calibration on the val split's inference file and the val masks; write calibration.h5."""
-    from diffseg.evaluate import match_rows, read_h5
-
     truth = read_h5(dataset_h5, ["masks"], group="val")
     inf = read_h5(val_inference_h5, ["maps", "timesteps"])
-    split = inf["attrs"].get("split")
-    if split is not None and str(split) != "val":
-        raise InputError(val_inference_h5, f"calibration needs the val split's inference file, got split '{split}'")
+    check_split_attr(val_inference_h5, inf["attrs"], "val")
     maps = inf["maps"][match_rows(truth["ids"], inf["ids"], val_inference_h5)].astype(np.float32)
     cal, report = fit_calibration(maps, truth["masks"], inf["timesteps"], method=method, threshold=threshold,
                                   bias=bias, blur_sigma=blur_sigma, closing_px=closing_px, fill_holes=fill_holes,

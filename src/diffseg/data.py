@@ -1,4 +1,8 @@
-"""Dataset preparation: discover image/mask pairs, validate, resize, split, healthy twins, dataset.h5."""
+"""Dataset preparation: discover image/mask pairs, validate, resize, split, healthy twins, dataset.h5.
+
+Over 350 lines: one stage (rule prepare_dataset) whose steps share the pair/split bookkeeping; split
+further, each part would re-pass the same tuples.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tqdm import tqdm
 
 import diffseg
 from diffseg.atomic import atomic_path
+from diffseg.h5io import decode_ids, write_ids
 from diffseg.imageio import IMAGE_SUFFIXES, InputError, read_mask, read_rgb
 from diffseg.inpaint import METHODS, dilate_mask, remove_lesion
 from diffseg.seeding import image_seed
@@ -117,12 +122,6 @@ def split_pool(ids: list[str], fractions: dict[str, float], seed: int) -> dict[s
     n_val = min(round(fractions["val"] * len(order)), len(order) - n_train)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(order))}
     return {order[i]: split for split, (lo, hi) in bounds.items() for i in perm[lo:hi]}
-
-
-def read_split_csv(path: str | os.PathLike) -> dict[str, str]:
-    """``{id: split}`` from a split table (columns ``id, split``)."""
-    with open(path, newline="") as fh:
-        return {row["id"]: row["split"] for row in csv.DictReader(fh)}
 
 
 def _write_split_csv(path: str | os.PathLike, assignment: dict[str, list[str]]) -> None:
@@ -355,7 +354,7 @@ def _write_h5(out_h5: str | os.PathLike, groups: dict[str, dict], attrs: dict) -
         h5.attrs.update(attrs)
         for split, group in groups.items():
             g = h5.create_group(split)
-            g.create_dataset("ids", data=np.array(group["ids"], dtype=object), dtype=h5py.string_dtype("utf-8"))
+            write_ids(g, group["ids"])
             g.create_dataset("orig_size", data=group["orig_size"].astype(np.int32))
             _image_dataset(g, "images", group["images"])
             _image_dataset(g, "masks", group["masks"].astype(np.uint8))
@@ -430,7 +429,7 @@ def load_split(h5_path: str | os.PathLike, split: str) -> dict:
         if missing:
             raise InputError(path, f"group {split!r} lacks dataset(s) {missing}: not a diffseg dataset file")
         out = {
-            "ids": [s.decode() if isinstance(s, bytes) else str(s) for s in group["ids"][()]],
+            "ids": decode_ids(group["ids"]),
             "images": group["images"][()],
             "masks": group["masks"][()].astype(bool),
             "orig_size": group["orig_size"][()],

@@ -14,9 +14,9 @@ from diffseg.atomic import atomic_path
 from diffseg.augment import PairedAugment
 from diffseg.data import load_split
 from diffseg.imageio import InputError
-from diffseg.schedule import alpha_bars, linear_betas, q_sample
-from diffseg.train import (CheckpointError, Trainer, device_generator, load_checkpoint, resolve_device,
-                           resume_path_for, seeded)
+from diffseg.runtime import device_generator, resolve_device, to_model_range
+from diffseg.schedule import Schedule
+from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
 from diffseg.unet import ConditionalUNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ def build_model(model_cfg: dict, image_size: int) -> ConditionalUNet:
 
 
 def epsilon_loss(
-    model, x0: torch.Tensor, y: torch.Tensor, alpha_bar: torch.Tensor, generator: torch.Generator
+    model, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule, generator: torch.Generator
 ) -> torch.Tensor:
     """Paper eq. 1: || eps_theta(sqrt(a_t) x0 + sqrt(1-a_t) eps, y, t) - eps ||^2, t ~ U{0..T-1}."""
     gen = device_generator(generator, x0.device)
-    t = torch.randint(0, alpha_bar.shape[0], (x0.shape[0],), generator=gen, device=x0.device)
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=gen, device=x0.device)
     noise = torch.empty_like(x0).normal_(generator=gen)  # keeps x0's memory format (channels_last)
-    x_t = q_sample(x0, t, noise, alpha_bar)
+    x_t = schedule.q_sample(x0, t, noise)
     return F.mse_loss(model(x_t, t, y).float(), noise.float())
 
 
@@ -81,7 +81,8 @@ class PairSampler:
 
     def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.lesion.shape[0], (self.half,), generator=generator).to(self.lesion.device)
-        lesion, healthy = (to_unit_range(a.index_select(0, idx)) for a in (self.lesion, self.healthy))
+        lesion, healthy = (to_model_range(a.index_select(0, idx), channels_last_input=False)
+                           for a in (self.lesion, self.healthy))
         if self.augment is not None:
             lesion, healthy = self.augment(lesion, generator, healthy)
         x0 = torch.cat([lesion, healthy]).contiguous(memory_format=self.memory_format)
@@ -90,10 +91,6 @@ class PairSampler:
             dropped = torch.rand(y.shape[0], generator=generator) < self.class_dropout
             y = torch.where(dropped, torch.full_like(y, self.null_label), y)
         return x0, y.to(x0.device)
-
-
-def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float().div_(127.5).sub_(1.0)
 
 
 def load_pairs(dataset_h5: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -153,14 +150,13 @@ def train_ddpm(
     logger.info("conditional U-Net: %d parameters at %d px", count_parameters(net), image_size)
     sampler = PairSampler(lesion, healthy, train_cfg["batch_size"], PairedAugment(**augment_cfg),
                           model_cfg["class_dropout"], net.null_label)
-    alpha_bar_np = alpha_bars(linear_betas(**diffusion_cfg))
     config = {"model": model_cfg, "diffusion": diffusion_cfg, "train": train_cfg, "augment": augment_cfg,
               "image_size": image_size}
-    alpha_bar = torch.as_tensor(alpha_bar_np, dtype=torch.float32, device=resolve_device(train_cfg["device"]))
+    schedule = Schedule.from_config(diffusion_cfg, resolve_device(train_cfg["device"]))
 
     def loss_fn(m, batch, generator):
         x0, y = batch
-        return epsilon_loss(m, x0, y, alpha_bar, generator)
+        return epsilon_loss(m, x0, y, schedule, generator)
 
     trainer_kwargs = {k: v for k, v in train_cfg.items() if k != "batch_size"}
     trainer = Trainer(net, loss_fn, sampler, checkpoint=checkpoint, resume_path=resume_path_for(checkpoint),

@@ -1,5 +1,7 @@
 """Synthetic dermoscopy images and exact lesion masks in the ISIC 2018 Task 1 folder layout.
 
+About 350 lines: one generator whose colour model, shapes and artefacts only make sense together.
+
 Colour is modelled as skin reflectance times per-pigment transmittance (melanin, deep dermal
 melanin, haemoglobin), so lesions darken any skin tone plausibly. The mask is the exact set of
 pixels inside the lesion's own field; artefacts (hairs, bubbles, ruler, vignette) are drawn after

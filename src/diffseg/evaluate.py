@@ -11,15 +11,16 @@ import logging
 import os
 from typing import Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
 from diffseg.atomic import atomic_path
-from diffseg.calibration import Calibration, apply_calibration, load_calibration, vote
+from diffseg.calibration import load_calibration
+from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import METRICS, aggregate, mask_metrics
+from diffseg.postprocess import binary_outputs, needs_maps
 from diffseg.uncertainty import ged_kohl
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ PAPER_MEAN_METHOD = f"{PAPER}, mean of outputs thresholded"
 PAPER_FINAL_METHOD = f"{PAPER} + CRF fusion"
 BASELINE_NAMES = {"otsu": "Otsu", "unet": "U-Net (supervised)",
                   "attention_unet": "Attention U-Net (supervised)"}
-PER_FILE_KEYS = ("timesteps",)  # datasets with one value per file, not per image
 UNCERTAINTY_COLUMNS = ("ged_paper", "ged_kohl", "ambiguity_area", "crf_disagreement")
 METRIC_HEADERS = {"dice": "Dice", "jaccard": "Jaccard", "precision": "Precision", "recall": "Recall",
                   "threshold_jaccard": "threshold Jaccard"}
@@ -46,56 +46,6 @@ UNCERTAINTY_SCORES = {"ged_paper": "GED (paper, eqs. 5-7)",
 # DiffSeg paper, Table 1 (ISIC 2018): Dice, Precision, Recall, Jaccard
 PUBLISHED = {"U-Net": (0.838, 0.863, 0.868, 0.724), "Attention U-Net": (0.860, 0.861, 0.884, 0.746),
              "DiffSeg": (0.864, 0.897, 0.882, 0.735)}
-
-
-# ----------------------------------------------------------------------------- reading HDF5 files
-
-
-def read_h5(path: str | os.PathLike, keys: Sequence[str], group: str | None = None) -> dict:
-    """ids (list of str) and the named datasets of one HDF5 file (or one group of it), validated."""
-    try:
-        fh = h5py.File(path, "r")
-    except (FileNotFoundError, OSError) as err:
-        raise InputError(path, f"cannot open as HDF5 ({err})") from err
-    with fh:
-        node = fh
-        if group is not None:
-            if group not in fh:
-                raise InputError(path, f"no split '{group}' (groups: {sorted(fh)})")
-            node = fh[group]
-        where = f"{group}/" if group else ""
-        for key in ("ids", *keys):
-            if key not in node:
-                raise InputError(path, f"missing dataset '{where}{key}'")
-        out = {"ids": [s.decode() if isinstance(s, bytes) else str(s) for s in node["ids"][()]],
-               "attrs": dict(fh.attrs)}
-        for key in keys:
-            out[key] = node[key][()]
-            if key not in PER_FILE_KEYS and len(out[key]) != len(out["ids"]):
-                raise InputError(path, f"'{where}{key}' has {len(out[key])} rows but 'ids' has {len(out['ids'])}")
-    return out
-
-
-def match_rows(wanted: Sequence[str], file_ids: Sequence[str], path: str | os.PathLike, where: str = "") -> np.ndarray:
-    """Row in ``file_ids`` of every wanted id; a missing id is an error naming the file and the id."""
-    row_of = {image_id: row for row, image_id in enumerate(file_ids)}
-    missing = [image_id for image_id in wanted if image_id not in row_of]
-    if missing:
-        raise InputError(path, f"image id {missing[0]} missing{where} ({len(missing)} of {len(wanted)} ids absent)")
-    return np.array([row_of[image_id] for image_id in wanted], dtype=np.int64)
-
-
-def _check_resolution(masks: np.ndarray, truth: np.ndarray, path, key: str) -> None:
-    if masks.shape[-2:] != truth.shape[-2:]:
-        raise InputError(path, f"'{key}' masks are {masks.shape[-1]}x{masks.shape[-2]} px but the ground "
-                         f"truth is {truth.shape[-1]}x{truth.shape[-2]} px")
-
-
-def _check_split_attr(path, attrs: dict, expected: str) -> None:
-    """Refuse an inference file made for another split (e.g. a test file passed as the val file)."""
-    split = attrs.get("split")
-    if split is not None and str(split) != expected:
-        raise InputError(path, f"inference file is for split '{split}', expected '{expected}'")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -131,9 +81,9 @@ def choose_timestep_on_val(dataset_h5, val_h5) -> tuple[int, np.ndarray, np.ndar
     """(best timestep value, timesteps, mean val Dice per timestep), from the val split only."""
     truth = read_h5(dataset_h5, ["masks"], group="val")
     val = read_h5(val_h5, ["binary", "timesteps"])
-    _check_split_attr(val_h5, val["attrs"], "val")
+    check_split_attr(val_h5, val["attrs"], "val")
     rows = match_rows(truth["ids"], val["ids"], val_h5)
-    _check_resolution(val["binary"], truth["masks"], val_h5, "binary")
+    check_resolution(val["binary"], truth["masks"], val_h5, "binary")
     dice = mean_dice_per_timestep(val["binary"][rows], truth["masks"].astype(bool))
     best = int(val["timesteps"][int(np.argmax(dice))])  # argmax: the earliest t on a tie
     logger.info("best single timestep on val: t=%d (mean Dice %.3f); per t: %s", best, dice.max(),
@@ -170,16 +120,11 @@ def _method_table(name: str, ids, preds: np.ndarray, truth: np.ndarray, extra: p
     return table
 
 
-def calibrated_binary(maps: np.ndarray, cal: Calibration) -> np.ndarray:
-    """(N, T, H, W) uint8 binary outputs of every image's maps through diffseg.calibration.apply_calibration."""
-    return np.stack([apply_calibration(m, cal)[1] for m in maps]) if len(maps) else np.zeros_like(maps, np.uint8)
-
-
 def _read_crf(crf_h5, ids, truth, prefix: str = "") -> tuple[dict, np.ndarray]:
     crf = read_h5(crf_h5, [f"{prefix}fused", f"{prefix}rounds"])
     crf["fused"], crf["rounds"] = crf.pop(f"{prefix}fused"), crf.pop(f"{prefix}rounds")
     fused = crf["fused"][match_rows(ids, crf["ids"], crf_h5)]
-    _check_resolution(fused, truth, crf_h5, f"{prefix}fused")
+    check_resolution(fused, truth, crf_h5, f"{prefix}fused")
     return crf, fused
 
 
@@ -195,13 +140,13 @@ def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, id
     val_h5, eval_h5 = inference_h5s
     paper_t, _, _ = choose_timestep_on_val(dataset_h5, val_h5)
     cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
-    calibrated = cal is not None and cal.method != "paper"
+    calibrated = needs_maps(cal)
     inf = read_h5(eval_h5, ["binary", "timesteps", *(["maps"] if calibrated else [])])
-    _check_split_attr(eval_h5, inf["attrs"], split)
+    check_split_attr(eval_h5, inf["attrs"], split)
     rows = match_rows(ids, inf["ids"], eval_h5)
     paper_binary = inf["binary"][rows]
-    _check_resolution(paper_binary, truth, eval_h5, "binary")
-    binary = calibrated_binary(inf["maps"][rows].astype(np.float32), cal) if calibrated else paper_binary
+    check_resolution(paper_binary, truth, eval_h5, "binary")
+    binary = binary_outputs(cal, paper_binary, inf["maps"][rows] if calibrated else None)
     best_t = cal.best_timestep if calibrated else paper_t
     crf, fused = _read_crf(crf_h5, ids, truth)
     unc = read_h5(uncertainty_h5, ["consistency", "ged"])
@@ -224,7 +169,7 @@ def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, id
 def _baseline_table(name: str, path, ids, truth) -> pd.DataFrame:
     data = read_h5(path, ["masks"])
     masks = data["masks"][match_rows(ids, data["ids"], path)]
-    _check_resolution(masks, truth, path, "masks")
+    check_resolution(masks, truth, path, "masks")
     return _method_table(BASELINE_NAMES.get(name, name), ids, masks, truth)
 
 

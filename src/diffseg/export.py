@@ -6,11 +6,30 @@ import logging
 import os
 from pathlib import Path
 
-from diffseg.crf import write_original_size_pngs
-from diffseg.evaluate import match_rows, read_h5
-from diffseg.imageio import InputError
+import numpy as np
+from PIL import Image
+
+from diffseg.h5io import match_rows, read_h5
+from diffseg.imageio import InputError, write_mask_png
 
 logger = logging.getLogger(__name__)
+
+
+def write_original_size_pngs(ids, masks: np.ndarray, orig_sizes: np.ndarray, png_dir: str | os.PathLike,
+                             *, threshold: float = 0.5) -> None:
+    """Write <id>_segmentation.png (0/255) at each image's original (height, width).
+
+    ``masks`` (N, R, R) are bool masks or fractions in [0, 1] (e.g. a vote); they are resized
+    bilinearly and binarized at ``threshold``, which gives smoother outlines than nearest.
+    """
+    if not len(ids) == len(masks) == len(orig_sizes):
+        raise ValueError(f"write_original_size_pngs: {len(ids)} ids, {len(masks)} masks and "
+                         f"{len(orig_sizes)} sizes must match")
+    for image_id, mask, (height, width) in zip(ids, masks, orig_sizes):
+        frac = np.asarray(mask, np.float32)
+        if frac.shape != (height, width):
+            frac = np.asarray(Image.fromarray(frac).resize((int(width), int(height)), Image.Resampling.BILINEAR))
+        write_mask_png(Path(png_dir) / f"{image_id}_segmentation.png", frac >= threshold)
 
 
 def export_masks(dataset_h5: str | os.PathLike, crf_h5: str | os.PathLike, png_dir: str | os.PathLike, *,

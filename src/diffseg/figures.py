@@ -19,20 +19,21 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from diffseg.atomic import atomic_path
-from diffseg.calibration import apply_calibration, load_calibration
-from diffseg.evaluate import FINAL_METHOD, match_rows, read_h5
+from diffseg.calibration import load_calibration
+from diffseg.evaluate import FINAL_METHOD
+from diffseg.h5io import match_rows, read_h5
 from diffseg.imageio import InputError
-from diffseg.inference import (alpha_bar_tensor, check_timesteps, draw_noise, resolve_autocast, resolve_device,
-                               to_model_input)
+from diffseg.inference import InferenceSettings, check_timesteps, draw_noise
 from diffseg.metrics import mask_metrics
-from diffseg.schedule import q_sample
+from diffseg.postprocess import binary_outputs, needs_maps
+from diffseg.runtime import autocast, resolve_device, to_model_range
+from diffseg.schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_SIZE_IN = (10.0, 4.0)
 CASE_SIZE_IN = (12.0, 9.0)
 FINAL_COLOUR, TRUTH_COLOUR = "lime", "yellow"
-INFERENCE_DEFAULTS = dict(seed=0, noise_draws=1, device="auto", precision="auto")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -61,14 +62,14 @@ def load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split: str,
                    calibration_h5=None) -> dict:
     """Arrays of the chosen images, in ``ids`` order; an unknown id is an error naming it and the split.
 
-    The binary outputs are the calibration's (diffseg.calibration; None = inference's stored ones).
+    The binary outputs are the calibration's (diffseg.postprocess.binary_outputs: inference's stored
+    ones for None or the paper's identity), as uncertainty and evaluation score them.
     """
     data = read_h5(dataset_h5, ["images", "masks"], group=split)
     rows = match_rows(ids, data["ids"], dataset_h5, f" from split '{split}'")
     cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
-    inf = read_h5(inference_h5, ["binary", "timesteps", *(["maps"] if cal is not None else [])])
-    if cal is not None:
-        inf["binary"] = np.stack([apply_calibration(m, cal)[1] for m in inf["maps"].astype(np.float32)])
+    inf = read_h5(inference_h5, ["binary", "timesteps", *(["maps"] if needs_maps(cal) else [])])
+    inf["binary"] = binary_outputs(cal, inf["binary"], inf.get("maps"))
     unc = read_h5(uncertainty_h5, ["consistency", "ambiguity", "ged"])
     crf = read_h5(crf_h5, ["fused"])
     inf_rows = match_rows(ids, inf["ids"], inference_h5)
@@ -85,31 +86,29 @@ def load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split: str,
 # ----------------------------------------------------------------------------- the model panels
 
 
-def predict_noise_pair(model: torch.nn.Module, alpha_bar: torch.Tensor, image: np.ndarray, image_id: str, t: int,
+def predict_noise_pair(model: torch.nn.Module, schedule: Schedule, image: np.ndarray, image_id: str, t: int,
                        *, seed: int, noise_draws: int, device: torch.device,
                        autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """(2, 3, H, W): predicted noise under c0 and c1 on the x_t that inference used (its first noise draw)."""
-    x0 = to_model_input(image[None], device)
+    x0 = to_model_range(image[None], device)
     noise = draw_noise([image_id], seed, noise_draws, tuple(x0.shape[1:]))[:, 0].to(device)
     t_batch = torch.full((2,), int(t), dtype=torch.long, device=device)
-    x_t = q_sample(x0, t_batch[:1], noise, alpha_bar)
+    x_t = schedule.q_sample(x0, t_batch[:1], noise)
     labels = torch.tensor([0, 1], dtype=torch.long, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                enabled=autocast_dtype is not None):
+    with torch.inference_mode(), autocast(device, autocast_dtype):
         pred = model(torch.cat([x_t, x_t]), t_batch, labels)
     return pred.float().cpu().numpy()
 
 
-def _load_model(checkpoint, inference: dict, resolution: int):
-    """(model, alpha_bar, device, autocast dtype, T) for the checkpoint, on the configured device."""
+def _load_model(checkpoint, settings: InferenceSettings, resolution: int):
+    """(model, schedule, device, autocast dtype) for the checkpoint, on the configured device."""
     from diffseg.ddpm import load_model  # torch model code is only needed for the case pages
 
-    device = resolve_device(inference["device"])
+    device = resolve_device(settings.device)
     model, cfg = load_model(checkpoint, device=str(device), use_ema=True)
     if int(cfg["image_size"]) != resolution:
         raise InputError(checkpoint, f"model was trained at {cfg['image_size']} px but the images are {resolution} px")
-    autocast_dtype = resolve_autocast(device, inference["precision"])
-    return model, alpha_bar_tensor(cfg["diffusion"], device), device, autocast_dtype, int(cfg["diffusion"]["T"])
+    return model, Schedule.from_config(cfg["diffusion"], device), device, settings.autocast_dtype(device)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -219,21 +218,21 @@ def run_figures(dataset_h5: str | os.PathLike, checkpoint: str | os.PathLike, in
                 inference: dict | None = None, ids: Sequence[str] = (), dpi: int = 120,
                 fail_dice: float = 0.7, calibration_h5: str | os.PathLike | None = None) -> dict:
     """Write the summary PNG and one <id>.png per chosen image into cases_dir. Returns the paths written."""
-    settings = {**INFERENCE_DEFAULTS, **{k: v for k, v in (inference or {}).items() if k in INFERENCE_DEFAULTS}}
+    settings = InferenceSettings.from_config(inference)
     final = read_final_rows(per_image_csv)
     draw_summary(final, summary_png, fail_dice=fail_dice, dpi=dpi)
     chosen = [str(i) for i in ids] or pick_cases(final)
     data = load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split, chosen, calibration_h5)
-    _warn_if_seed_differs(data["inference_attrs"], settings["seed"], inference_h5)
-    model, alpha_bar, device, autocast_dtype, T = _load_model(checkpoint, settings, data["images"].shape[1])
-    timesteps = check_timesteps(data["timesteps"], T)
+    _warn_if_seed_differs(data["inference_attrs"], settings.seed, inference_h5)
+    model, schedule, device, autocast_dtype = _load_model(checkpoint, settings, data["images"].shape[1])
+    timesteps = check_timesteps(data["timesteps"], schedule.T)
     t_index = (len(timesteps) - 1) // 2
     Path(cases_dir).mkdir(parents=True, exist_ok=True)  # a Snakemake directory() output: we create it
     written = []
     for i, image_id in enumerate(chosen):
         case = _case(data, i, image_id)
-        eps_pair = predict_noise_pair(model, alpha_bar, case["image"], image_id, timesteps[t_index],
-                                      seed=settings["seed"], noise_draws=settings["noise_draws"], device=device,
+        eps_pair = predict_noise_pair(model, schedule, case["image"], image_id, timesteps[t_index],
+                                      seed=settings.seed, noise_draws=settings.noise_draws, device=device,
                                       autocast_dtype=autocast_dtype)
         out_png = Path(cases_dir) / f"{image_id}.png"
         dice = draw_case(case, eps_pair, timesteps, t_index, out_png, dpi=dpi)

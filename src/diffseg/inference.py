@@ -1,18 +1,21 @@
 """Noise-difference maps (paper eq. 2): |eps(x_t, c0, t) - eps(x_t, c1, t)| per image and timestep.
 
+About 350 lines: the settings, the two model passes (eq. 2 and the DDIM reconstruction lever) and the
+inference.h5 writer of one stage; post-processing, schedule and runtime live in their own modules.
+
 Pipeline per batch of images: draw per-image noise -> one forward call per noise draw covering all
 images x timesteps x both labels -> raw maps (T, H, W) per image -> per-image post-processing
-(normalise, binarize) -> rows of ``inference.h5`` (layout in docs/ARCHITECTURE.md).
+(diffseg.postprocess: normalise, binarize) -> rows of ``inference.h5`` (layout in docs/ARCHITECTURE.md).
+The ``inference`` config section arrives once, as :class:`InferenceSettings`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,17 +27,71 @@ import diffseg
 from diffseg.atomic import atomic_path
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
+from diffseg.h5io import write_ids
 from diffseg.imageio import InputError
-from diffseg.schedule import alpha_bars, linear_betas, q_sample
+from diffseg.postprocess import NORMALISE_METHODS, check_threshold, postprocess_image
+from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
+from diffseg.schedule import Schedule
 from diffseg.seeding import image_generator
 from diffseg.shards import shard_indices
-from diffseg.train import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
-NORMALISE_METHODS = ("p99", "max", "none")
 INFERENCE_METHODS = ("paper", "reconstruct")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The ``inference`` config section (config/schema.yaml; defaults equal the schema's), validated once."""
+
+    timesteps: tuple = DEFAULT_TIMESTEPS
+    noise_draws: int = 1
+    normalise: str = "p99"
+    threshold: float | str = 0.5
+    batch_images: int = 16
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    method: str = "paper"
+    recon_steps: int = 5
+    recon_compare: str = "c1"
+    compile: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        if not self.timesteps:
+            raise ValueError("inference.timesteps is empty: give at least one diffusion step")
+        if self.noise_draws < 1:
+            raise ValueError(f"inference.noise_draws must be >= 1, got {self.noise_draws}")
+        if self.batch_images < 1:
+            raise ValueError(f"inference.batch_images must be >= 1, got {self.batch_images}")
+        if self.normalise not in NORMALISE_METHODS:
+            raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {self.normalise!r}")
+        check_threshold(self.threshold)
+        if self.method not in INFERENCE_METHODS:
+            raise ValueError(f"inference.method must be one of {INFERENCE_METHODS}, got {self.method!r}")
+        if self.recon_steps < 1:
+            raise ValueError(f"inference.recon_steps must be >= 1, got {self.recon_steps}")
+        if self.recon_compare not in ("c1", "input"):
+            raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {self.recon_compare!r}")
+
+    @classmethod
+    def from_config(cls, section: dict | None, ignore: Sequence[str] = ("splits",)) -> "InferenceSettings":
+        """Settings from the config section; keys in ``ignore`` (the rule's own, e.g. splits) are skipped,
+        any other unknown key is an error naming it."""
+        given = {k: v for k, v in (section or {}).items() if k not in ignore}
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown key(s) in config section 'inference': {', '.join(unknown)}")
+        return cls(**given)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of ``precision`` on device (None = plain fp32)."""
+        return resolve_autocast(device, self.precision)
 
 
 # ----------------------------------------------------------------------------- the model passes
@@ -45,12 +102,6 @@ def draw_noise(ids: Sequence[str], seed: int, noise_draws: int, shape: Sequence[
     return torch.stack(
         [torch.randn((noise_draws, *shape), generator=image_generator(seed, image_id)) for image_id in ids]
     )
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _check_noise(images: torch.Tensor, noise: torch.Tensor) -> tuple[int, ...]:
@@ -68,7 +119,7 @@ def _label_batch(labels: tuple[int, int], n: int, device: torch.device) -> torch
 
 def noise_difference(
     model: torch.nn.Module,
-    alpha_bar: torch.Tensor,
+    schedule: Schedule,
     images: torch.Tensor,
     timesteps: Sequence[int],
     noise: torch.Tensor,
@@ -90,11 +141,11 @@ def noise_difference(
     with torch.inference_mode():
         for d in range(noise.shape[1]):
             eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
-            x_t = q_sample(x0_flat, t_flat, eps, alpha_bar)
+            x_t = schedule.q_sample(x0_flat, t_flat, eps)
             x_in = torch.cat([x_t, x_t])
             if device.type == "cuda":
                 x_in = x_in.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 pred = model(x_in, torch.cat([t_flat, t_flat]), y)
             eps_c0, eps_c1 = pred.float().chunk(2)
             total += (eps_c0 - eps_c1).abs().mean(dim=1).reshape(b, n_t, h, w)
@@ -111,7 +162,7 @@ def ddim_timesteps(t0: int, steps: int) -> list[int]:
 
 def reconstruction_difference(
     model: torch.nn.Module,
-    alpha_bar: torch.Tensor,
+    schedule: Schedule,
     images: torch.Tensor,
     timesteps: Sequence[int],
     noise: torch.Tensor,
@@ -143,16 +194,16 @@ def reconstruction_difference(
         for d in range(noise.shape[1]):
             eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
             t_first = torch.as_tensor([p[0] for p in paths], dtype=torch.long, device=device).repeat(b)
-            x = torch.cat([q_sample(x0_flat, t_first, eps, alpha_bar)] * 2)
+            x = torch.cat([schedule.q_sample(x0_flat, t_first, eps)] * 2)
             for k in range(n_steps):
-                x = _ddim_step(model, alpha_bar, x, paths, k, b, y, autocast_dtype)
+                x = _ddim_paths_step(model, schedule, x, paths, k, b, y, autocast_dtype)
             x0_c0, x0_c1 = x.float().chunk(2)
             other = x0_c1 if compare == "c1" else x0_flat.float()
             total += (x0_c0 - other).abs().mean(dim=1).reshape(b, n_t, h, w)
     return total / noise.shape[1]
 
 
-def _ddim_step(model, alpha_bar, x, paths, k, b, y, autocast_dtype):
+def _ddim_paths_step(model, schedule: Schedule, x, paths, k, b, y, autocast_dtype):
     """One deterministic DDIM step of every path at step k (a path already at x0 stays unchanged)."""
     device = x.device
     now = torch.as_tensor([p[k] for p in paths], dtype=torch.long, device=device).repeat(2 * b)
@@ -162,90 +213,13 @@ def _ddim_step(model, alpha_bar, x, paths, k, b, y, autocast_dtype):
     if not bool(active.any()):
         return x
     x_in = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-    with _autocast(device, autocast_dtype):
+    with autocast(device, autocast_dtype):
         eps = model(x_in, now.clamp(min=0), y).float()
-    a_now = alpha_bar[now.clamp(min=0)].view(-1, 1, 1, 1)
-    a_next = torch.where(nxt >= 0, alpha_bar[nxt.clamp(min=0)], torch.ones_like(alpha_bar[:1])).view(-1, 1, 1, 1)
-    x0_hat = ((x.float() - (1 - a_now).sqrt() * eps) / a_now.sqrt()).clamp(-1.0, 1.0)
-    stepped = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps
+    stepped = schedule.ddim_step(x.float(), eps, now.clamp(min=0), nxt)
     return torch.where(active.view(-1, 1, 1, 1), stepped, x.float())
 
 
-# ----------------------------------------------------------------------------- per-image post-processing
-
-
-def normalise(maps: np.ndarray, method: str = "p99") -> np.ndarray:
-    """Scale one image's maps (T, H, W) to [0, 1] float32 by a statistic over all its timesteps."""
-    maps = np.asarray(maps, dtype=np.float32)
-    if method == "none":
-        return maps
-    if method == "p99":
-        scale = float(np.percentile(maps, 99))
-    elif method == "max":
-        scale = float(maps.max())
-    else:
-        raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {method!r}")
-    if scale <= 0.0:  # all-zero maps (identical predictions): nothing differs anywhere
-        return np.zeros_like(maps)
-    return np.clip(maps / scale, 0.0, 1.0)
-
-
-_normalise = normalise  # postprocess_image's keyword (the config key) shadows the function name
-
-
-def binarize(maps: np.ndarray, threshold: float | str = 0.5) -> np.ndarray:
-    """uint8 0/1 masks, same shape as maps (..., H, W): maps > threshold, or Otsu per (H, W) map."""
-    maps = np.asarray(maps)
-    if threshold == "otsu":
-        from skimage.filters import threshold_otsu
-
-        flat = maps.reshape(-1, *maps.shape[-2:])
-        out = np.zeros(flat.shape, dtype=np.uint8)
-        for i, m in enumerate(flat):
-            if m.max() > m.min():  # Otsu is undefined on a constant map: leave it empty
-                out[i] = m > threshold_otsu(m)
-        return out.reshape(maps.shape)
-    _check_threshold(threshold)
-    return (maps > threshold).astype(np.uint8)
-
-
-def _check_threshold(threshold) -> None:
-    if threshold == "otsu":
-        return
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-        raise ValueError(f"inference.threshold must be a number in (0, 1) or 'otsu', got {threshold!r}")
-
-
-@dataclass
-class ImageMaps:
-    """One image's outputs, as written to inference.h5."""
-
-    maps: np.ndarray  # (T, H, W) float32 in [0, 1]
-    binary: np.ndarray  # (T, H, W) uint8 0/1
-
-
-def postprocess_image(raw: np.ndarray, *, normalise: str = "p99", threshold: float | str = 0.5) -> ImageMaps:
-    """Raw difference maps (T, H, W) of one image -> normalised maps and binary masks.
-
-    Extra levers (blur, bias-map subtraction, ...) belong here, before normalisation.
-    """
-    maps = _normalise(raw, normalise)
-    return ImageMaps(maps=maps, binary=binarize(maps, threshold))
-
-
-# ----------------------------------------------------------------------------- inputs and settings
-
-
-def resolve_autocast(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 autocast on CUDA for 'auto'; None (plain fp32) on CPU unless asked explicitly."""
-    dtype = resolve_dtype(precision, device, key="inference.precision")
-    return None if dtype == torch.float32 else dtype
-
-
-def alpha_bar_tensor(diffusion_cfg: dict, device: torch.device) -> torch.Tensor:
-    """alpha_bar (T,) float32 on device from a checkpoint's "diffusion" section."""
-    betas = linear_betas(diffusion_cfg["T"], diffusion_cfg["beta_start"], diffusion_cfg["beta_end"])
-    return torch.as_tensor(alpha_bars(betas), dtype=torch.float32, device=device)
+# ----------------------------------------------------------------------------- inputs
 
 
 def check_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
@@ -258,25 +232,6 @@ def check_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
     return timesteps
 
 
-def check_settings(*, shard: int, n_shards: int, noise_draws: int, normalise: str, threshold, batch_images: int,
-                   method: str = "paper", recon_steps: int = 5, recon_compare: str = "c1"):
-    if n_shards < 1 or not 0 <= shard < n_shards:
-        raise ValueError(f"inference shard {shard} must lie in [0, n_shards={n_shards})")
-    if noise_draws < 1:
-        raise ValueError(f"inference.noise_draws must be >= 1, got {noise_draws}")
-    if batch_images < 1:
-        raise ValueError(f"inference.batch_images must be >= 1, got {batch_images}")
-    if normalise not in NORMALISE_METHODS:
-        raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {normalise!r}")
-    _check_threshold(threshold)
-    if method not in INFERENCE_METHODS:
-        raise ValueError(f"inference.method must be one of {INFERENCE_METHODS}, got {method!r}")
-    if recon_steps < 1:
-        raise ValueError(f"inference.recon_steps must be >= 1, got {recon_steps}")
-    if recon_compare not in ("c1", "input"):
-        raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {recon_compare!r}")
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -285,19 +240,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def to_model_input(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] on device."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 # ----------------------------------------------------------------------------- writing inference.h5
 
 
 def create_output(fh: h5py.File, ids: Sequence[str], timesteps: Sequence[int], resolution: int, attrs: dict) -> None:
     """Create the datasets of the inference.h5 layout (one image per chunk) and the attributes."""
     n, n_t = len(ids), len(timesteps)
-    fh.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=h5py.string_dtype("utf-8"))
+    write_ids(fh, ids)
     fh.create_dataset("timesteps", data=np.asarray(timesteps, dtype=np.int32))
     chunks = (1, n_t, resolution, resolution) if n else None
     fh.create_dataset("maps", shape=(n, n_t, resolution, resolution), dtype=np.float16, chunks=chunks)
@@ -311,42 +260,35 @@ def create_output(fh: h5py.File, ids: Sequence[str], timesteps: Sequence[int], r
 
 def infer_batches(
     model: torch.nn.Module,
-    alpha_bar: torch.Tensor,
+    schedule: Schedule,
     ids: Sequence[str],
     image_batches: Iterable[np.ndarray],
     out: h5py.File,
-    *,
-    timesteps: Sequence[int],
-    noise_draws: int = 1,
-    normalise: str = "p99",
-    threshold: float | str = 0.5,
-    seed: int = 0,
-    autocast_dtype: torch.dtype | None = None,
+    settings: InferenceSettings,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
-    method: str = "paper",
-    recon_steps: int = 5,
-    recon_compare: str = "c1",
 ) -> int:
     """Difference maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count.
 
-    ``method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference.
+    ``settings.method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference.
     """
     from tqdm.auto import tqdm
 
+    s = settings
+    autocast_dtype = s.autocast_dtype(device)
     done = 0
     with tqdm(total=len(ids), unit="img", mininterval=5, disable=not progress) as bar:
         for batch in image_batches:
             batch_ids = ids[done : done + len(batch)]
-            images = to_model_input(batch, device)
-            noise = draw_noise(batch_ids, seed, noise_draws, images.shape[1:])
-            if method == "paper":
-                raw = noise_difference(model, alpha_bar, images, timesteps, noise, autocast_dtype=autocast_dtype)
+            images = to_model_range(batch, device)
+            noise = draw_noise(batch_ids, s.seed, s.noise_draws, images.shape[1:])
+            if s.method == "paper":
+                raw = noise_difference(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
             else:
-                raw = reconstruction_difference(model, alpha_bar, images, timesteps, noise, steps=recon_steps,
-                                                compare=recon_compare, autocast_dtype=autocast_dtype)
+                raw = reconstruction_difference(model, schedule, images, s.timesteps, noise, steps=s.recon_steps,
+                                                compare=s.recon_compare, autocast_dtype=autocast_dtype)
             raw = raw.cpu().numpy()
-            processed = [postprocess_image(r, normalise=normalise, threshold=threshold) for r in raw]
+            processed = [postprocess_image(r, normalise=s.normalise, threshold=s.threshold) for r in raw]
             out["maps"][done : done + len(batch)] = np.stack([p.maps for p in processed]).astype(np.float16)
             out["binary"][done : done + len(batch)] = np.stack([p.binary for p in processed])
             done += len(batch)
@@ -361,73 +303,60 @@ def _batches(images: np.ndarray, batch_images: int) -> Iterable[np.ndarray]:
         yield images[start : start + batch_images]
 
 
+def check_shard(shard: int, n_shards: int) -> None:
+    if n_shards < 1 or not 0 <= shard < n_shards:
+        raise ValueError(f"inference shard {shard} must lie in [0, n_shards={n_shards})")
+
+
 def run_inference(
     dataset_h5: str | os.PathLike,
     checkpoint: str | os.PathLike,
     out_h5: str | os.PathLike,
+    settings: InferenceSettings | None = None,
     *,
     split: str = "test",
     shard: int = 0,
     n_shards: int = 1,
-    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-    noise_draws: int = 1,
-    normalise: str = "p99",
-    threshold: float | str = 0.5,
-    batch_images: int = 16,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = "auto",
-    method: str = "paper",
-    recon_steps: int = 5,
-    recon_compare: str = "c1",
-    compile: bool = False,
 ) -> dict:
-    """Difference maps (``method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5. Returns a summary.
+    """Difference maps (``settings.method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5.
 
-    ``compile`` wraps the model in torch.compile (worth it on a GPU for large splits; the first batch
-    pays the compilation).
+    Returns a summary. ``settings.compile`` wraps the model in torch.compile (worth it on a GPU for
+    large splits; the first batch pays the compilation).
     """
-    check_settings(
-        shard=shard, n_shards=n_shards, noise_draws=noise_draws, normalise=normalise, threshold=threshold,
-        batch_images=batch_images, method=method, recon_steps=recon_steps, recon_compare=recon_compare,
-    )
+    s = settings if settings is not None else InferenceSettings()
+    check_shard(shard, n_shards)
     if not Path(checkpoint).is_file():
         raise InputError(checkpoint, "checkpoint file not found")
-    dev = resolve_device(device)
-    autocast_dtype = resolve_autocast(dev, precision)
+    dev = resolve_device(s.device)
+    autocast_dtype = s.autocast_dtype(dev)
     model, cfg = load_model(checkpoint, device=str(dev), use_ema=True)
     T = int(cfg["diffusion"]["T"])
-    timesteps = check_timesteps(timesteps, T)
+    timesteps = check_timesteps(s.timesteps, T)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if compile:
+    if s.compile:
         model = torch.compile(model)
-    alpha_bar = alpha_bar_tensor(cfg["diffusion"], dev)
+    schedule = Schedule.from_config(cfg["diffusion"], dev)
     logger.info("inference on %s, autocast %s, %d timesteps, %d noise draw(s)", dev, autocast_dtype or "fp32",
-                len(timesteps), noise_draws)
+                len(timesteps), s.noise_draws)
 
     data = load_split(dataset_h5, split)
     resolution = int(data["images"].shape[1])
     if resolution != int(cfg["image_size"]):
         raise InputError(dataset_h5, f"images are {resolution} px but checkpoint {checkpoint} was trained "
                                      f"at {cfg['image_size']} px")
-    rows = shard_indices(len(data["ids"]), shard, n_shards, block=batch_images)  # whole batches
+    rows = shard_indices(len(data["ids"]), shard, n_shards, block=s.batch_images)  # whole batches
     ids, images = [data["ids"][i] for i in rows], data["images"][rows]
     attrs = {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": threshold,
-        "normalise": normalise, "noise_draws": noise_draws, "seed": seed, "method": method, "T": T,
-        "recon_steps": recon_steps, "recon_compare": recon_compare,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": s.threshold,
+        "normalise": s.normalise, "noise_draws": s.noise_draws, "seed": s.seed, "method": s.method, "T": T,
+        "recon_steps": s.recon_steps, "recon_compare": s.recon_compare,
         "diffseg_version": diffseg.__version__, "split": split,
     }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
     start = time.perf_counter()
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
         create_output(out, ids, timesteps, resolution, attrs)
-        n = infer_batches(
-            model, alpha_bar, ids, _batches(images, batch_images), out, timesteps=timesteps,
-            noise_draws=noise_draws, normalise=normalise, threshold=threshold, seed=seed,
-            autocast_dtype=autocast_dtype, device=dev, method=method, recon_steps=recon_steps,
-            recon_compare=recon_compare,
-        )
+        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev)
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))
     return {"out_h5": str(out_h5), "n_images": n, "seconds": seconds, "device": str(dev),

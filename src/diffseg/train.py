@@ -1,5 +1,7 @@
 """The one trainer: AdamW + warm-up, EMA, autocast, resumable atomic checkpoints, NaN guard, CSV log.
 
+Over 350 lines: the Trainer and the checkpoint file it writes and resumes from change together.
+
 Every step's randomness (batch sampling, noise, dropout) is seeded from (seed, step), so a run
 that is interrupted and resumed from its resume file ends with exactly the weights of an
 uninterrupted run. The resume file is not the rule's declared output (Snakemake deletes an
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from diffseg import __version__
 from diffseg.atomic import atomic_path
 from diffseg.imageio import InputError
+from diffseg.runtime import resolve_device, resolve_dtype
 from diffseg.seeding import image_seed
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scaler", "step", "config", "version", "kind", "best_metric")
 # config sections that fix the network or what it learns: a resume file must agree on them
 RESUME_MUST_MATCH = ("model", "image_size", "diffusion")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CSV_COLUMNS = ("step", "loss", "lr", "images_per_s")
 
 
@@ -98,21 +100,6 @@ def write_metrics_csv(path: str | os.PathLike, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(precision: str, device: torch.device, key: str = "train.precision") -> torch.dtype:
-    """Autocast dtype: bf16 on CUDA for "auto", fp32 on CPU unless asked otherwise (``key`` names the setting)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"{key} must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 @contextlib.contextmanager
 def seeded(seed: int):
     """Seed the global RNG inside the block only (e.g. weight initialisation), leaving it as it was after."""
@@ -129,14 +116,6 @@ def resume_path_for(checkpoint: str | os.PathLike) -> Path:
 
 def step_seed(seed: int, step: int) -> int:
     return image_seed(seed, f"train-step-{step}")
-
-
-def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on `device`: the given one if it lives there, else one seeded from it (deterministic)."""
-    if generator.device.type == device.type:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def batch_size_of(batch: Any) -> int:
@@ -165,7 +144,7 @@ class Trainer:
     """Generic training loop: sample_batch(step, generator, device) -> batch; loss_fn(model, batch, generator) -> loss.
 
     The generator handed to both is a CPU generator seeded from (seed, step); code that draws on
-    the GPU derives a device generator from it (device_generator below).
+    the GPU derives a device generator from it (diffseg.runtime.device_generator).
     evaluate(model_ema) -> float (higher is better unless maximize=False) runs every eval_every
     steps; after `patience` evaluations without improvement training stops early. The best EMA
     weights are the ones the final checkpoint keeps.
@@ -295,7 +274,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, int]:
         seed = step_seed(self.seed, step)
         torch.manual_seed(seed)  # dropout and any global-RNG use inside the model
-        generator = torch.Generator().manual_seed(seed)  # CPU: augmentation draws there; see ddpm.device_generator
+        generator = torch.Generator().manual_seed(seed)  # CPU: augmentation draws there; see runtime.device_generator
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         batch = self.sample_batch(step, generator, self.device)

@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 
 from diffseg.atomic import atomic_path
-from diffseg.calibration import apply_calibration, load_calibration
+from diffseg.calibration import load_calibration
+from diffseg.h5io import decode_ids, open_h5, require, write_ids
 from diffseg.imageio import InputError
+from diffseg.postprocess import binary_outputs, needs_maps
 from diffseg.shards import image_chunks
 
 logger = logging.getLogger(__name__)
@@ -85,14 +87,15 @@ def ged_kohl(samples: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * cross - within_s - within_y)
 
 
-def _read_binary(inference_h5: str | os.PathLike) -> tuple[np.ndarray, h5py.Dataset, h5py.File]:
+def _read_binary(inference_h5: str | os.PathLike) -> tuple[list[str], h5py.Dataset, h5py.File]:
     """Open inference.h5 and return (ids, binary dataset, open file); the caller closes the file."""
-    f = h5py.File(inference_h5, "r")
-    for key in ("ids", "binary"):
-        if key not in f:
-            f.close()
-            raise InputError(inference_h5, f"missing dataset '{key}' (expected inference.h5 layout)")
-    ids = f["ids"].asstr()[:]
+    f = open_h5(inference_h5)
+    try:
+        require(f, ("ids", "binary"), inference_h5)
+    except InputError:
+        f.close()
+        raise
+    ids = decode_ids(f["ids"])
     binary = f["binary"]
     if binary.ndim != 4 or binary.shape[0] != len(ids):  # N = 0 is an empty shard
         f.close()
@@ -110,23 +113,20 @@ def run_uncertainty(inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
     cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
     ids, binary, f = _read_binary(inference_h5)
     with f:
-        if cal is not None and cal.method != "paper" and "maps" not in f:
+        if needs_maps(cal) and "maps" not in f:
             raise InputError(inference_h5, "missing dataset 'maps' (needed by the calibration)")
         n, _, r, _ = binary.shape
         cons = np.empty((n, r, r), np.float32)
         amb = np.empty((n, r, r), np.float32)
         ged = np.empty(n, np.float64)
         for i in range(n):  # one image at a time: the whole (N, T, R, R) stack may not fit in memory
-            if cal is None or cal.method == "paper":
-                outputs = binary[i]
-            else:
-                outputs = apply_calibration(f["maps"][i], cal)[1]
+            outputs = binary_outputs(cal, binary[i], f["maps"][i] if needs_maps(cal) else None)
             if outputs.max(initial=0) > 1:
                 raise InputError(inference_h5, f"'binary' of image {ids[i]} holds values above 1")
             cons[i], amb[i], ged[i] = consistency(outputs), ambiguity(outputs), ged_paper(outputs)
     area = (amb > 0).mean(axis=(1, 2))
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
-        out.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
+        write_ids(out, ids)
         out.create_dataset("consistency", data=cons, compression="gzip", chunks=image_chunks(cons.shape))
         out.create_dataset("ambiguity", data=amb, compression="gzip", chunks=image_chunks(amb.shape))
         out.create_dataset("ged", data=ged)

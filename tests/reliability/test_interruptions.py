@@ -64,8 +64,8 @@ def slow(*args, **kwargs):
     time.sleep(0.3)
     return original(*args, **kwargs)
 inference.noise_difference = slow
-inference.run_inference(sys.argv[1], sys.argv[2], sys.argv[3], split="train", timesteps=[60, 100, 150],
-                        batch_images=1, device="cpu")
+settings = inference.InferenceSettings(timesteps=[60, 100, 150], batch_images=1, device="cpu")
+inference.run_inference(sys.argv[1], sys.argv[2], sys.argv[3], settings, split="train")
 """
 
 
@@ -83,24 +83,26 @@ def test_inference_killed_mid_write_leaves_no_file_that_looks_complete(killed_an
     proc.wait()
     assert not out.exists(), "a killed inference left a file under its final name"
 
-    from diffseg.inference import run_inference
+    from diffseg.inference import InferenceSettings, run_inference
 
-    run_inference(dataset, checkpoint, out, split="train", timesteps=[60, 100, 150], batch_images=1, device="cpu")
+    run_inference(dataset, checkpoint, out, InferenceSettings(timesteps=[60, 100, 150], batch_images=1, device="cpu"),
+                  split="train")
     assert out.exists()
 
 
 def test_damaged_checkpoint_and_dataset_are_named(killed_and_resumed_training, tmp_path):
     from diffseg.imageio import InputError
-    from diffseg.inference import run_inference
+    from diffseg.inference import InferenceSettings, run_inference
 
+    cpu = InferenceSettings(device="cpu")
     wf, _, _ = killed_and_resumed_training
     dataset, checkpoint = wf / "results/data/dataset.h5", wf / "results/models/ddpm.pt"
     broken_ckpt = tmp_path / "ddpm.pt"
     broken_ckpt.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(InputError, match=str(broken_ckpt)):
-        run_inference(dataset, broken_ckpt, tmp_path / "a.h5", split="train", device="cpu")
+        run_inference(dataset, broken_ckpt, tmp_path / "a.h5", cpu, split="train")
     broken_h5 = tmp_path / "dataset.h5"
     broken_h5.write_bytes(dataset.read_bytes()[:2000])
     with pytest.raises(InputError, match=str(broken_h5)):
-        run_inference(broken_h5, checkpoint, tmp_path / "b.h5", split="train", device="cpu")
+        run_inference(broken_h5, checkpoint, tmp_path / "b.h5", cpu, split="train")
     assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()

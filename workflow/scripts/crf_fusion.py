@@ -1,4 +1,4 @@
-from diffseg.crf import run_crf
+from diffseg.crf import CRFSettings, run_crf
 from diffseg.logs import log_to
 
 with log_to(snakemake.log[0]):
@@ -6,9 +6,8 @@ with log_to(snakemake.log[0]):
         snakemake.input.h5,
         snakemake.input.inference,
         snakemake.output[0],
-        None,
+        CRFSettings.from_config(snakemake.params.cfg),
         split=snakemake.wildcards.split,
         threads=snakemake.threads,
         calibration_h5=snakemake.input.calibration,
-        **snakemake.params.cfg,
     )

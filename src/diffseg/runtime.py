@@ -1,0 +1,69 @@
+"""Device, precision and the image <-> model-range convention: one place for every torch stage.
+
+Training, inference, figures and the baselines resolve the configured ``device``/``precision``
+here and convert uint8 images to the model's range with :func:`to_model_range`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str) -> torch.device:
+    """torch.device for a config value: "auto" = CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: torch.device, key: str = "train.precision") -> torch.dtype:
+    """Autocast dtype: bf16 on CUDA for "auto", fp32 on CPU unless asked otherwise (``key`` names the setting)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{key} must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_autocast(device: torch.device, precision: str = "auto",
+                     key: str = "inference.precision") -> torch.dtype | None:
+    """The autocast dtype of :func:`resolve_dtype`, or None where that is plain fp32 (no autocast)."""
+    dtype = resolve_dtype(precision, device, key=key)
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast on device's type with dtype; a no-op context for None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on `device`: the given one if it lives there, else one seeded from it (deterministic)."""
+    if generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def to_model_range(images: np.ndarray | torch.Tensor, device: torch.device | None = None, *,
+                   channels_last_input: bool = True) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float32 in [-1, 1], the models' input range.
+
+    ``channels_last_input``: the input is (N, H, W, 3) (files, numpy) and comes back as the torch
+    convention (N, 3, H, W) (a permuted view, no copy before the cast); False: it is already
+    (N, 3, H, W). A numpy input is moved to ``device`` (default CPU) first.
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if device is not None:
+        images = images.to(device)
+    if channels_last_input:
+        images = images.permute(0, 3, 1, 2)
+    return images.float().div(127.5).sub(1.0)

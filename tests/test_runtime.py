@@ -1,0 +1,45 @@
+"""diffseg.runtime: device/precision resolution and the one uint8 -> model-range conversion."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffseg.runtime import autocast, device_generator, resolve_autocast, resolve_device, resolve_dtype, to_model_range
+
+
+def test_to_model_range_maps_0_255_to_minus1_1_in_torch_layout():
+    images = np.array([[[[0, 255, 127]] * 2] * 2], np.uint8)  # (1, 2, 2, 3)
+    x = to_model_range(images, torch.device("cpu"))
+    assert x.shape == (1, 3, 2, 2) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0 / 255]), atol=1e-6, rtol=0)
+    # a torch (N, H, W, 3) tensor and an already (N, 3, H, W) tensor give the same values
+    t = torch.from_numpy(images)
+    assert torch.equal(to_model_range(t), x)
+    assert torch.equal(to_model_range(t.permute(0, 3, 1, 2).contiguous(), channels_last_input=False), x)
+
+
+def test_to_model_range_accepts_a_non_contiguous_numpy_slice():
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)[:, ::-1]
+    x = to_model_range(images)
+    assert torch.equal(x, torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+
+
+def test_precision_and_device_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_autocast(cpu, "auto") is None and resolve_autocast(cpu, "fp16") == torch.float16
+    with pytest.raises(ValueError, match="inference.precision must be one of"):
+        resolve_autocast(cpu, "fp64")
+    with pytest.raises(ValueError, match="train.precision must be one of"):
+        resolve_dtype("half", cpu)
+    with autocast(cpu, None):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_device_generator_keeps_a_generator_on_its_device():
+    g = torch.Generator().manual_seed(3)
+    assert device_generator(g, torch.device("cpu")) is g
