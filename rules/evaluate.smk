@@ -6,9 +6,11 @@ rule evaluate:
         crf=f"{R}/crf/{EVAL_SPLIT}.h5",
         calibration=CALIBRATION,
         baselines=expand(f"{R}/baselines/{{baseline}}/{EVAL_SPLIT}.h5", baseline=BASELINES),
+        truth=data_dir(),  # the original-size ground truth, for the official ISIC score
     output:
         per_image=f"{R}/metrics/{EVAL_SPLIT}.csv",
         table=report(f"{R}/metrics/table.md", category="Metrics", caption="../report/table.rst"),
+        png=directory(f"{R}/metrics/{EVAL_SPLIT}_png"),
     params:
         cfg=config["evaluate"],
         baselines=BASELINES,

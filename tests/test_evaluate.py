@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffseg.evaluate import (BEST_T_METHOD, FINAL_METHOD, MEAN_METHOD, auroc, run_evaluate)
+from conftest import ISIC_FULLRES
+from diffseg.evaluate import (BEST_T_METHOD, FINAL_METHOD, MEAN_METHOD, auroc, row_png_dir, run_evaluate)
 from diffseg.export import export_masks
-from diffseg.imageio import InputError
-from diffseg.uncertainty import ged_kohl
+from diffseg.imageio import InputError, write_mask_png
+from diffseg.uncertainty import ged_kohl, ged_paper
 
 R = 16
 TEST_IDS = ["ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
@@ -105,6 +106,18 @@ def write_crf(path, ids) -> None:
         f["rounds"] = np.stack(rounds)
 
 
+def write_truth_folder(folder, masks_by_id) -> None:
+    """The data folder (images/ + masks/) with each ground-truth mask at its original size."""
+    for image_id, mask in masks_by_id.items():
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((*mask.shape, 3), np.uint8)).save(folder / "images" / f"{image_id}.png")
+        write_mask_png(folder / "masks" / f"{image_id}_segmentation.png", mask)
+
+
+def upscale(mask: np.ndarray, factor: int) -> np.ndarray:
+    return np.kron(mask, np.ones((factor, factor), mask.dtype))
+
+
 def write_baseline(path, ids, masks_by_id) -> None:
     with h5py.File(path, "w") as f:
         write_ids(f, ids)
@@ -122,13 +135,16 @@ def files(tmp_path):
     write_crf(paths["crf"], [TEST_IDS[1], TEST_IDS[0], TEST_IDS[2]])
     write_baseline(paths["otsu"], shuffled, TRUTH)
     write_baseline(paths["unet"], TEST_IDS, {i: np.zeros((R, R)) for i in TEST_IDS})
+    paths["data"] = tmp_path / "data"
+    write_truth_folder(paths["data"], TRUTH)
     return paths
 
 
 def evaluate(paths, tmp_path, **kwargs):
     csv, md = tmp_path / "metrics" / "test.csv", tmp_path / "metrics" / "table.md"
     means = run_evaluate(paths["dataset"], [paths["val"], paths["test"]], paths["unc"], paths["crf"],
-                         {"otsu": paths["otsu"], "unet": paths["unet"]}, csv, md, **kwargs)
+                         {"otsu": paths["otsu"], "unet": paths["unet"]}, csv, md, truth_dir=paths["data"],
+                         png_dir=tmp_path / "metrics" / "test_png", **kwargs)
     return means, pd.read_csv(csv), md.read_text()
 
 
@@ -171,10 +187,11 @@ def test_table_lists_rows_auroc_and_published_reference(files, tmp_path):
                   "Otsu", "U-Net (supervised)"):
         assert f"| {label} |" in md
     assert "n = 3 images" in md
-    assert "| Otsu | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | n/a | n/a |" in md
+    assert "| Otsu | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in md  # official table
+    assert "| Otsu | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | n/a | n/a |" in md  # working-resolution table
     assert "Does uncertainty warn where the mask is wrong?" in md
     # the only failure (Dice 0) has the highest GED, ambiguity area and CRF disagreement: AUROC 1
-    for score in ("GED (paper, eqs. 5-7)", "ambiguity area", "CRF disagreement"):
+    for score in ("GED of the outputs (paper eqs. 5-7)", "ambiguity area", "CRF disagreement"):
         line = next(row for row in md.splitlines() if row.startswith(f"| {score}"))
         assert line.endswith("| 1.000 |"), line
     assert "1 of 3 images have a final Dice < 0.7" in md
@@ -185,7 +202,7 @@ def test_table_lists_rows_auroc_and_published_reference(files, tmp_path):
 
 def test_auroc_is_na_without_failures(files, tmp_path):
     _, _, md = evaluate(files, tmp_path, fail_dice=0.0)
-    assert "| GED (paper, eqs. 5-7) | n/a |" in md
+    assert "| GED of the outputs (paper eqs. 5-7) | n/a |" in md
 
 
 def test_auroc_rank_formula_with_ties():
@@ -278,3 +295,102 @@ def test_paper_calibration_file_gives_todays_rows(files, tmp_path):
     without, table, _ = evaluate(files, tmp_path)
     assert set(table_cal["method"]) == set(table["method"])
     assert with_cal == without
+
+
+# ----------------------------------------------------------------------------- the official score, GED labels
+
+
+def test_official_score_at_twice_the_working_size_equals_the_known_dice(files, tmp_path):
+    """Originals at 32 px: every row's 16 px mask is written at 32 px and scored by the official scorer."""
+    write_dataset(files["dataset"], {i: (2 * R, 2 * R) for i in TEST_IDS})
+    write_truth_folder(files["data"], {i: upscale(TRUTH[i], 2) for i in TEST_IDS})
+    means, table, md = evaluate(files, tmp_path)
+    for method in (BEST_T_METHOD, MEAN_METHOD, FINAL_METHOD, "Otsu", "U-Net (supervised)"):
+        folder = row_png_dir(tmp_path / "metrics" / "test_png", method)
+        assert sorted(p.name for p in folder.iterdir()) == [f"{i}_segmentation.png" for i in TEST_IDS]
+        assert np.asarray(Image.open(folder / f"{TEST_IDS[0]}_segmentation.png")).shape == (2 * R, 2 * R)
+        # a 2x bilinear upscale cut at 0.5 of these squares is exact: the official numbers equal the working ones
+        for metric in ("dice", "jaccard", "precision", "recall", "threshold_jaccard"):
+            assert means[method]["official"][metric] == pytest.approx(means[method][metric]), (method, metric)
+    assert means[BEST_T_METHOD]["official"]["dice"] == pytest.approx(2 / 3)
+    final = table[table["method"] == FINAL_METHOD].set_index("id")
+    assert final.loc[TEST_IDS, "official_dice"].tolist() == pytest.approx([1.0, 0.0, 1.0])
+
+
+def test_official_score_sees_detail_lost_at_the_working_resolution(files, tmp_path):
+    """The original truth of one image has a lesion part the 16 px mask cannot hold: only the official row drops."""
+    write_dataset(files["dataset"], {i: (2 * R, 2 * R) for i in TEST_IDS})
+    originals = {i: upscale(TRUTH[i], 2) for i in TEST_IDS}
+    originals["ISIC_0000001"][28:30, 28:30] = 1  # 4 px more lesion, far from the square (rows/cols 4..19)
+    write_truth_folder(files["data"], originals)
+    means, _, md = evaluate(files, tmp_path)
+    square_px = (2 * 8) ** 2  # the 8 px square at 2x
+    expected = (2 * square_px / (2 * square_px + 4) + 1 + 1) / 3
+    assert means["Otsu"]["dice"] == pytest.approx(1.0)
+    assert means["Otsu"]["official"]["dice"] == pytest.approx(expected)
+    official, working = md.split("## At the model's working resolution")
+    assert "## Official ISIC 2018 Task 1 score" in official and "isic-challenge-scoring" in official
+    assert f"| Otsu | {expected:.3f} |" in official
+    assert "| Otsu | 1.000 |" in working
+    assert "the model worked at 16 x 16 px" in md and "n = 3 images" in md
+    assert "32 x 32 px" in official  # the original size, stated
+
+
+def test_missing_original_truth_names_the_data_folder_and_id(files, tmp_path):
+    (files["data"] / "masks" / "ISIC_0000002_segmentation.png").unlink()
+    (files["data"] / "images" / "ISIC_0000002.png").unlink()
+    with pytest.raises(InputError, match=r"data.*ground-truth mask for image id ISIC_0000002"):
+        evaluate(files, tmp_path)
+    assert not (tmp_path / "metrics" / "table.md").exists()
+
+
+def test_ged_of_the_n_outputs_for_the_paper_path_and_the_calibrated_path(files, tmp_path):
+    from diffseg.calibration import Calibration, save_calibration
+    from diffseg.evaluate import PAPER_FINAL_METHOD
+
+    save_calibration(tmp_path / "cal.h5", Calibration(method="calibrated", threshold=0.5, blur_sigma=0.0,
+                                                      largest_component=True, best_timestep=60,
+                                                      timesteps=[60, 70, 80]), (3, R, R), {})
+    with h5py.File(files["crf"], "a") as f:
+        n = len(f["ids"])
+        f["paper_fused"] = np.zeros((n, R, R), np.uint8)
+        f["paper_rounds"] = np.zeros((n, 3, R, R), np.uint8)
+    means, table, md = evaluate(files, tmp_path, calibration_h5=tmp_path / "cal.h5")
+    paper_ged = np.mean([ged_paper(eval_binary()[i]) for i in TEST_IDS])  # the stored outputs of each image
+    assert paper_ged > 0
+    assert means[PAPER_FINAL_METHOD]["ged_paper"] == pytest.approx(paper_ged)
+    assert means[FINAL_METHOD]["ged_paper"] == pytest.approx(np.mean(list(GED_PAPER.values())))  # rule uncertainty's
+    assert "| GED (Kohl, vs truth) | GED of the 3 outputs (paper eqs. 5-7) |" in md
+    assert (f"Mean GED of the 3 outputs (paper eqs. 5-7) over 3 images, the paper's path: {paper_ged:.3f} "
+            f"(the paper reports 0.13); the calibrated path: {np.mean(list(GED_PAPER.values())):.3f}") in md
+    paper_rows = table[table["method"] == PAPER_FINAL_METHOD].set_index("id")
+    assert paper_rows.loc[TEST_IDS, "ged_paper"].tolist() == pytest.approx([ged_paper(eval_binary()[i]) for i in TEST_IDS])
+
+
+def test_paper_calibration_ged_line_names_the_paper_path_only(files, tmp_path):
+    _, _, md = evaluate(files, tmp_path)
+    line = next(row for row in md.splitlines() if row.startswith("Mean GED of the 3 outputs"))
+    assert f"the paper's path: {np.mean(list(GED_PAPER.values())):.3f} (the paper reports 0.13)." in line
+    assert "calibrated" not in line
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not ISIC_FULLRES.is_dir(), reason="shared full-resolution ISIC pairs absent")
+def test_official_score_of_full_size_originals_through_the_working_resolution(tmp_path):
+    """The 5 full-size ISIC pairs (up to 2592 x 1936 px): the truth squashed to 32 px and written back at the
+    original size by the evaluate stage's export scores high but not perfect (outline detail is lost at 32 px)."""
+    from diffseg.data import discover_pairs, load_pair, truth_mask_files
+    from diffseg.evaluate import export_rows, official_scores
+
+    pairs = discover_pairs(ISIC_FULLRES)["train"]
+    ids = [image_id for image_id, _, _ in pairs]
+    loaded = [load_pair(image, mask, 32) for _, image, mask in pairs]
+    sizes = np.array([orig for _, _, orig in loaded])
+    assert sizes.max() > 1900  # really full size
+    folders = export_rows({"truth at 32 px": np.stack([mask for _, mask, _ in loaded])}, ids, sizes, tmp_path)
+    scores = official_scores(folders, truth_mask_files(ISIC_FULLRES, ids))["truth at 32 px"]
+    assert list(scores["id"]) == ids
+    assert scores["dice"].between(0.9, 0.9999).all(), scores
+    for image_id, (height, width) in zip(ids, sizes):
+        png = Image.open(folders["truth at 32 px"] / f"{image_id}_segmentation.png")
+        assert png.size == (width, height)

@@ -50,8 +50,9 @@ def _cases():
 
 
 def test_equal_to_isic_scorer_per_image():
-    isic_metrics = pytest.importorskip("isic_challenge_scoring.metrics")
-    confusion = pytest.importorskip("isic_challenge_scoring.confusion")
+    from isic_challenge_scoring import confusion
+    from isic_challenge_scoring import metrics as isic_metrics
+
     for pred, truth in _cases():
         cm = confusion.create_binary_confusion_matrix(truth_binary_values=truth,
                                                       prediction_binary_values=pred)
@@ -74,7 +75,8 @@ def _write_folders(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:The inplace keyword")  # inside the scorer, not ours
 def test_score_png_folder_matches_isic_scorer_macro_average(tmp_path):
-    segmentation = pytest.importorskip("isic_challenge_scoring.segmentation")
+    from isic_challenge_scoring import segmentation
+
     pred_dir, truth_dir = _write_folders(tmp_path)
     table = score_png_folder(pred_dir, truth_dir)
     assert list(table["id"]) == [f"ISIC_{k:07d}" for k in range(len(_cases()))]

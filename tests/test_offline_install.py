@@ -35,6 +35,6 @@ def test_wheelhouse_installs_with_index_disabled_and_keeps_torch(tmp_path):
     after = subprocess.check_output(
         [py, "-c", "import torch, os; print(torch.__version__, os.path.getmtime(torch.__file__))"], text=True)
     assert after == (venv / "torch-marker").read_text()
-    check = subprocess.run([py, "-c", "import diffseg, pydensecrf.densecrf, snakemake, h5py, skimage; print('ok')"],
+    check = subprocess.run([py, "-c", "import diffseg, pydensecrf.densecrf, snakemake, h5py, skimage, isic_challenge_scoring; print('ok')"],
                            env=offline, capture_output=True, text=True)
     assert check.stdout.strip() == "ok", check.stderr

@@ -64,6 +64,19 @@ def discover_pairs(data_dir: str | os.PathLike) -> dict[str, list[Pair]]:
     return {"train": _match_pairs(image_dir, mask_dir)}
 
 
+def truth_mask_files(data_dir: str | os.PathLike, ids: list[str]) -> dict[str, Path]:
+    """The original ground-truth mask file of every id (any split folder of ``data_dir``), by id.
+
+    These are the files the official scorer compares with, at the image's original size.
+    """
+    masks = {image_id: mask for pairs in discover_pairs(data_dir).values() for image_id, _, mask in pairs}
+    missing = [image_id for image_id in ids if image_id not in masks]
+    if missing:
+        raise InputError(data_dir, f"no ground-truth mask for image id {missing[0]} "
+                         f"({len(missing)} of {len(ids)} ids absent)")
+    return {image_id: masks[image_id] for image_id in ids}
+
+
 def _image_files(folder: Path) -> dict[str, Path]:
     """Image files of a folder by stem; other files (LICENSE.txt, ATTRIBUTION.txt) are ignored."""
     files = {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,11 +19,13 @@ from scipy.stats import rankdata
 
 from diffseg.atomic import atomic_path
 from diffseg.calibration import load_calibration
+from diffseg.data import truth_mask_files
+from diffseg.export import write_original_size_pngs
 from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
-from diffseg.metrics import METRICS, aggregate, mask_metrics
+from diffseg.metrics import METRICS, PNG_SUFFIX, aggregate, mask_metrics, score_png_pairs
 from diffseg.postprocess import binary_outputs, needs_maps
-from diffseg.uncertainty import ged_kohl
+from diffseg.uncertainty import consistency, ged_kohl, ged_paper
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +44,14 @@ BASELINE_NAMES = {"otsu": "Otsu", "unet": "U-Net (supervised)",
 UNCERTAINTY_COLUMNS = ("ged_paper", "ged_kohl", "ambiguity_area", "crf_disagreement")
 METRIC_HEADERS = {"dice": "Dice", "jaccard": "Jaccard", "precision": "Precision", "recall": "Recall",
                   "threshold_jaccard": "threshold Jaccard"}
-UNCERTAINTY_SCORES = {"ged_paper": "GED (paper, eqs. 5-7)",
+UNCERTAINTY_SCORES = {"ged_paper": "GED of the outputs (paper eqs. 5-7)",
                       "ambiguity_area": "ambiguity area (fraction of pixels with 0 < consistency < 1)",
                       "crf_disagreement": "CRF disagreement (fraction of pixels where the K rounds differ)"}
 # DiffSeg paper, Table 1 (ISIC 2018): Dice, Precision, Recall, Jaccard
 PUBLISHED = {"U-Net": (0.838, 0.863, 0.868, 0.724), "Attention U-Net": (0.860, 0.861, 0.884, 0.746),
              "DiffSeg": (0.864, 0.897, 0.882, 0.735)}
+PUBLISHED_GED = 0.13  # the paper's mean GED over its test set
+OFFICIAL_PREFIX = "official_"  # per-image CSV columns of the official score at the original size
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -98,18 +104,34 @@ def _timestep_column(timesteps: np.ndarray, t: int, path) -> int:
     return int(hits[0])
 
 
-def _uncertainty_columns(ids, binary, truth, unc, unc_h5, crf, crf_h5) -> pd.DataFrame:
-    """ged_paper, ged_kohl, ambiguity_area and crf_disagreement of every image (in ``ids`` order)."""
-    unc_rows = match_rows(ids, unc["ids"], unc_h5)
-    crf_rows = match_rows(ids, crf["ids"], crf_h5)
-    cons = unc["consistency"][unc_rows]
-    rounds = crf["rounds"][crf_rows]
+def _uncertainty_columns(ids, binary, truth, ged, cons, rounds) -> pd.DataFrame:
+    """ged_paper, ged_kohl, ambiguity_area and crf_disagreement of every image (in ``ids`` order).
+
+    ``ged`` (N,) is the GED of each image's outputs (eqs. 5-7), ``cons`` (N, H, W) their consistency,
+    ``rounds`` (N, K, H, W) the CRF rounds of the same path.
+    """
     return pd.DataFrame({
-        "ged_paper": unc["ged"][unc_rows].astype(float),
+        "ged_paper": np.asarray(ged, float),
         "ged_kohl": [ged_kohl(binary[i], truth[i]) for i in range(len(ids))],
         "ambiguity_area": ((cons > 0) & (cons < 1)).mean(axis=(1, 2)),
         "crf_disagreement": (rounds.min(axis=1) != rounds.max(axis=1)).mean(axis=(1, 2)),
     })
+
+
+def _configured_uncertainty(ids, binary, truth, unc_h5, crf, crf_h5) -> pd.DataFrame:
+    """Uncertainty columns of the configured path: GED and consistency from the uncertainty stage."""
+    unc = read_h5(unc_h5, ["consistency", "ged"])
+    unc_rows = match_rows(ids, unc["ids"], unc_h5)
+    rounds = crf["rounds"][match_rows(ids, crf["ids"], crf_h5)]
+    return _uncertainty_columns(ids, binary, truth, unc["ged"][unc_rows], unc["consistency"][unc_rows], rounds)
+
+
+def _paper_uncertainty(ids, paper_binary, truth, paper_crf, crf_h5) -> pd.DataFrame:
+    """Uncertainty columns of the paper path (its stored outputs), with the same functions as rule uncertainty."""
+    rounds = paper_crf["rounds"][match_rows(ids, paper_crf["ids"], crf_h5)]
+    ged = [ged_paper(outputs) for outputs in paper_binary]
+    cons = np.stack([consistency(outputs) for outputs in paper_binary])
+    return _uncertainty_columns(ids, paper_binary, truth, ged, cons, rounds)
 
 
 def _method_table(name: str, ids, preds: np.ndarray, truth: np.ndarray, extra: pd.DataFrame | None = None):
@@ -128,12 +150,13 @@ def _read_crf(crf_h5, ids, truth, prefix: str = "") -> tuple[dict, np.ndarray]:
     return crf, fused
 
 
-def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth,
-                    calibration_h5=None) -> tuple[list, dict]:
-    """Per-image tables of the DiffSeg rows (configured rows first, final row third), timestep per best-t row.
+def _diffseg_rows(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth,
+                  calibration_h5=None) -> tuple[dict, dict, dict, int]:
+    """The DiffSeg rows: ({method: masks (N, R, R)}, {method: uncertainty columns}, {method: best t}, n outputs).
 
     The configured rows use the calibration (diffseg.calibration); when it is not the paper's identity,
-    the paper-faithful rows (stored binary outputs, CRF on the raw maps) follow.
+    the paper-faithful rows (stored binary outputs, CRF on the raw maps) follow. The final row of each
+    path carries its uncertainty columns, GED over that path's n outputs (one per timestep).
     """
     if len(inference_h5s) != 2:
         raise ValueError(f"evaluate: inference_h5s must be [val file, {split} file], got {list(inference_h5s)}")
@@ -149,28 +172,51 @@ def _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, id
     binary = binary_outputs(cal, paper_binary, inf["maps"][rows] if calibrated else None)
     best_t = cal.best_timestep if calibrated else paper_t
     crf, fused = _read_crf(crf_h5, ids, truth)
-    unc = read_h5(uncertainty_h5, ["consistency", "ged"])
-    extra = _uncertainty_columns(ids, binary, truth, unc, uncertainty_h5, crf, crf_h5)
     column = _timestep_column(inf["timesteps"], best_t, eval_h5)
-    tables = [_method_table(BEST_T_METHOD, ids, binary[:, column], truth),
-              _method_table(MEAN_METHOD, ids, binary.mean(axis=1) >= 0.5, truth),
-              _method_table(FINAL_METHOD, ids, fused, truth, extra)]
+    masks = {BEST_T_METHOD: binary[:, column], MEAN_METHOD: binary.mean(axis=1) >= 0.5, FINAL_METHOD: fused}
+    extra = {FINAL_METHOD: _configured_uncertainty(ids, binary, truth, uncertainty_h5, crf, crf_h5)}
     timesteps = {BEST_T_METHOD: best_t}
     if calibrated:
-        _, paper_fused = _read_crf(crf_h5, ids, truth, prefix="paper_")
+        paper_crf, paper_fused = _read_crf(crf_h5, ids, truth, prefix="paper_")
         paper_column = _timestep_column(inf["timesteps"], paper_t, eval_h5)
-        tables += [_method_table(PAPER_BEST_T_METHOD, ids, paper_binary[:, paper_column], truth),
-                   _method_table(PAPER_MEAN_METHOD, ids, paper_binary.mean(axis=1) >= 0.5, truth),
-                   _method_table(PAPER_FINAL_METHOD, ids, paper_fused, truth)]
+        masks.update({PAPER_BEST_T_METHOD: paper_binary[:, paper_column],
+                      PAPER_MEAN_METHOD: paper_binary.mean(axis=1) >= 0.5, PAPER_FINAL_METHOD: paper_fused})
+        extra[PAPER_FINAL_METHOD] = _paper_uncertainty(ids, paper_binary, truth, paper_crf, crf_h5)
         timesteps[PAPER_BEST_T_METHOD] = paper_t
-    return tables, timesteps
+    return masks, extra, timesteps, len(inf["timesteps"])
 
 
-def _baseline_table(name: str, path, ids, truth) -> pd.DataFrame:
+def _baseline_masks(name: str, path, ids, truth) -> np.ndarray:
     data = read_h5(path, ["masks"])
     masks = data["masks"][match_rows(ids, data["ids"], path)]
     check_resolution(masks, truth, path, "masks")
-    return _method_table(BASELINE_NAMES.get(name, name), ids, masks, truth)
+    return masks
+
+
+# ----------------------------------------------------------------------------- the official score
+
+
+def row_png_dir(png_root: str | os.PathLike, method: str) -> Path:
+    """Folder of one row's original-size masks: the row name as a file-system-safe slug."""
+    return Path(png_root) / re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
+
+
+def export_rows(masks: dict[str, np.ndarray], ids, orig_sizes: np.ndarray, png_root) -> dict[str, Path]:
+    """Every row's masks at each image's original size (diffseg.export.write_original_size_pngs, as rule
+    export_masks writes the final masks), one folder per row; returns {method: folder}."""
+    folders = {}
+    for method, row_masks in masks.items():
+        folders[method] = row_png_dir(png_root, method)
+        folders[method].mkdir(parents=True, exist_ok=True)
+        write_original_size_pngs(ids, np.asarray(row_masks) > 0, orig_sizes, folders[method])
+    return folders
+
+
+def official_scores(folders: dict[str, Path], truth_files: dict[str, Path]) -> dict[str, pd.DataFrame]:
+    """{method: per-image official scores} of every row's PNG folder against the original ground truth."""
+    return {method: score_png_pairs([(image_id, folder / f"{image_id}{PNG_SUFFIX}", truth)
+                                     for image_id, truth in truth_files.items()])
+            for method, folder in folders.items()}
 
 
 # ----------------------------------------------------------------------------- table.md
@@ -180,22 +226,53 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
-def _results_table(means: dict, best_t: dict) -> list[str]:
-    headers = [*METRIC_HEADERS.values(), "GED (Kohl, vs truth)", "GED (paper)"]
-    lines = ["| method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+def _metric_rows(means: dict, best_t: dict, extra_columns=()) -> list[str]:
+    """One markdown row per method: the metrics of ``means`` and then ``extra_columns`` (keys)."""
+    lines = []
     for method, m in means.items():
         label = f"{method} (t = {best_t[method]}, chosen on val)" if method in best_t else method
-        cells = [_fmt(m[k]) for k in METRIC_HEADERS] + [_fmt(m.get("ged_kohl")), _fmt(m.get("ged_paper"))]
+        cells = [_fmt(m[k]) for k in METRIC_HEADERS] + [_fmt(m.get(k)) for k in extra_columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _header(headers) -> list[str]:
+    return ["| method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+
+
+def _official_table(official_means: dict, best_t: dict, sizes: str) -> list[str]:
+    lines = ["## Official ISIC 2018 Task 1 score (masks at each image's original size)", "",
+             f"Every row's masks resized to the image's original size ({sizes}; bilinear, cut at 0.5) and "
+             "scored by the official scorer, isic-challenge-scoring (its loading, binarisation and metrics); "
+             "per-image metrics, macro-averaged.", ""]
+    return lines + _header(METRIC_HEADERS.values()) + _metric_rows(official_means, best_t)
+
+
+def _working_table(means: dict, best_t: dict, resolution: int, n_outputs: int) -> list[str]:
+    lines = [f"## At the model's working resolution ({resolution} x {resolution} px; not the official score)", "",
+             "The same masks before resizing, scored against the ground truth resized to the working resolution.", ""]
+    headers = [*METRIC_HEADERS.values(), "GED (Kohl, vs truth)", f"GED of the {n_outputs} outputs (paper eqs. 5-7)"]
+    return lines + _header(headers) + _metric_rows(means, best_t, ("ged_kohl", "ged_paper"))
+
+
+def _ged_line(means: dict, n_images: int, n_outputs: int) -> list[str]:
+    """The paper path's mean GED beside the paper's (and the calibrated path's, when there is one)."""
+    paper_final = PAPER_FINAL_METHOD if PAPER_FINAL_METHOD in means else FINAL_METHOD
+    line = (f"Mean GED of the {n_outputs} outputs (paper eqs. 5-7) over {n_images} images, the paper's "
+            f"path: {_fmt(means[paper_final]['ged_paper'])} (the paper reports {PUBLISHED_GED:.2f})")
+    if paper_final != FINAL_METHOD:
+        line += f"; the calibrated path: {_fmt(means[FINAL_METHOD]['ged_paper'])}"
+    line += (f". Standard GED (Kohl et al., outputs vs ground truth, d = 1 - IoU) of the configured path: "
+             f"{_fmt(means[FINAL_METHOD]['ged_kohl'])}.")
+    return [line]
 
 
 def _warning_section(final: pd.DataFrame, fail_dice: float) -> list[str]:
     failed = final["dice"].to_numpy() < fail_dice
     lines = ["## Does uncertainty warn where the mask is wrong?", "",
-             f"{int(failed.sum())} of {len(final)} images have a final Dice < {fail_dice:g}. AUROC of each "
-             "per-image score for ranking those failures above the other images (0.5 = chance, 1 = perfect; "
-             "n/a when either group is empty):", "",
+             f"{int(failed.sum())} of {len(final)} images have a final Dice < {fail_dice:g} (working resolution). "
+             "AUROC of each per-image score of the configured path for ranking those failures above the other "
+             "images (0.5 = chance, 1 = perfect; n/a when either group is empty):", "",
              "| uncertainty score | AUROC |", "|---|---|"]
     for column, label in UNCERTAINTY_SCORES.items():
         lines.append(f"| {label} | {_fmt(auroc(final[column], failed))} |")
@@ -210,14 +287,21 @@ def _published_section() -> list[str]:
     return lines
 
 
-def render_table(means: dict, final: pd.DataFrame, split: str, best_t: dict, fail_dice: float) -> str:
-    """The markdown of table.md."""
-    lines = [f"# Segmentation results on split '{split}' (n = {len(final)} images)", "",
-             "Per-image metrics, macro-averaged (ISIC 2018 conventions).", ""]
-    lines += _results_table(means, best_t)
-    lines += ["", f"Mean GED of the final DiffSeg masks over {len(final)} images: paper definition "
-              f"(eqs. 5-7, among the outputs) {_fmt(final['ged_paper'].mean())}; standard (Kohl et al., "
-              f"outputs vs ground truth, d = 1 - IoU) {_fmt(final['ged_kohl'].mean())}.", ""]
+def size_range(orig_sizes: np.ndarray) -> str:
+    """'W x H px' or 'from W x H to W x H px' (by area) of the (N, 2) (height, width) original sizes."""
+    area = orig_sizes[:, 0].astype(np.int64) * orig_sizes[:, 1]
+    (h0, w0), (h1, w1) = orig_sizes[int(np.argmin(area))], orig_sizes[int(np.argmax(area))]
+    return f"{w0} x {h0} px" if (h0, w0) == (h1, w1) else f"from {w0} x {h0} to {w1} x {h1} px"
+
+
+def render_table(means: dict, official_means: dict, final: pd.DataFrame, split: str, best_t: dict,
+                 fail_dice: float, *, resolution: int, n_outputs: int, sizes: str) -> str:
+    """The markdown of table.md: the official score first, the working-resolution numbers second."""
+    lines = [f"# Segmentation results on split '{split}' (n = {len(final)} images; the model worked at "
+             f"{resolution} x {resolution} px)", ""]
+    lines += _official_table(official_means, best_t, sizes) + [""]
+    lines += _working_table(means, best_t, resolution, n_outputs) + [""]
+    lines += _ged_line(means, len(final), n_outputs) + [""]
     lines += _warning_section(final, fail_dice) + [""] + _published_section()
     return "\n".join(lines) + "\n"
 
@@ -231,33 +315,53 @@ def _macro_means(tables: list[pd.DataFrame]) -> dict[str, dict[str, float]]:
     return means
 
 
+def _per_image_table(method: str, ids, masks, truth, extra: pd.DataFrame | None, official: pd.DataFrame):
+    """One row per image: working-resolution metrics, uncertainty columns (final rows), official_* metrics."""
+    table = _method_table(method, ids, masks, truth, extra)
+    official = official.set_index("id").loc[list(ids), list(METRICS)].add_prefix(OFFICIAL_PREFIX)
+    return pd.concat([table, official.reset_index(drop=True)], axis=1)
+
+
 def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os.PathLike],
                  uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike, baselines: dict,
-                 per_image_csv: str | os.PathLike, table_md: str | os.PathLike, *, split: str = "test",
-                 fail_dice: float = 0.7, calibration_h5: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+                 per_image_csv: str | os.PathLike, table_md: str | os.PathLike, *, truth_dir: str | os.PathLike,
+                 png_dir: str | os.PathLike, split: str = "test", fail_dice: float = 0.7,
+                 calibration_h5: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
     """Score every method on ``split``; write the per-image CSV and table.md. Returns macro means per method.
 
-    ``calibration_h5`` (rule calibrate) turns the maps into the configured outputs; None = the paper's
-    identity (the stored binary outputs). Each best-timestep row's dict also holds its ``timestep``
-    (chosen on val).
+    Every row's masks are written at each image's original size under ``png_dir`` (one folder per
+    row) and scored there by the official scorer against the original masks of ``truth_dir`` (the
+    data folder); the working-resolution scores follow. ``calibration_h5`` (rule calibrate) turns the
+    maps into the configured outputs; None = the paper's identity (the stored binary outputs). Each
+    method's dict holds the working-resolution metrics, ``official`` (the official ones) and, for the
+    best-timestep rows, ``timestep`` (chosen on val).
     """
     if split == "val":
         logger.warning("evaluating on 'val', the split the best timestep is chosen on: that row is optimistic")
-    truth_data = read_h5(dataset_h5, ["masks"], group=split)
+    truth_data = read_h5(dataset_h5, ["masks", "orig_size"], group=split)
     ids, truth = truth_data["ids"], truth_data["masks"].astype(bool)
     if not ids:
         raise InputError(dataset_h5, f"split '{split}' holds no images")
-    tables, best_t = _diffseg_tables(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids, truth,
-                                     calibration_h5)
-    tables += [_baseline_table(name, path, ids, truth) for name, path in baselines.items()]
-    per_image = pd.concat(tables, ignore_index=True)
+    truth_files = truth_mask_files(truth_dir, ids)
+    masks, extra, best_t, n_outputs = _diffseg_rows(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split,
+                                                    ids, truth, calibration_h5)
+    masks.update({BASELINE_NAMES.get(name, name): _baseline_masks(name, path, ids, truth)
+                  for name, path in baselines.items()})
+    official = official_scores(export_rows(masks, ids, truth_data["orig_size"], png_dir), truth_files)
+    tables = [_per_image_table(m, ids, masks[m], truth, extra.get(m), official[m]) for m in masks]
     means = _macro_means(tables)
-    final = tables[2]
+    official_means = {m: aggregate(table).to_dict() for m, table in official.items()}
+    final = tables[list(masks).index(FINAL_METHOD)]
     with atomic_path(per_image_csv) as tmp:
-        per_image.to_csv(tmp, index=False)
+        pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+    markdown = render_table(means, official_means, final, split, best_t, fail_dice, resolution=truth.shape[-1],
+                            n_outputs=n_outputs, sizes=size_range(truth_data["orig_size"]))
     with atomic_path(table_md) as tmp:
-        tmp.write_text(render_table(means, final, split, best_t, fail_dice))
-    for method, t in best_t.items():
-        means[method]["timestep"] = t
-    logger.info("evaluate %s: %s", split, {k: round(v["dice"], 3) for k, v in means.items()})
+        tmp.write_text(markdown)
+    for method in means:
+        means[method]["official"] = official_means[method]
+        if method in best_t:
+            means[method]["timestep"] = best_t[method]
+    logger.info("evaluate %s (official, original size): %s", split,
+                {k: round(v["dice"], 3) for k, v in official_means.items()})
     return means

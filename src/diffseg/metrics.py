@@ -2,7 +2,9 @@
 
 Degenerate cases follow isic-challenge-scoring: Dice and Jaccard are 1 when both masks are empty;
 precision is 1 when the prediction is empty and recall is 1 when the truth is empty (the scorer
-calls these "freebies"). Aggregation is the macro mean over images.
+calls these "freebies"). Aggregation is the macro mean over images. ``mask_metrics`` scores in-memory masks (the working
+resolution); ``score_png_pairs`` / ``score_png_folder`` score PNG files at the original size with the
+official scorer's own code (the numbers of ISIC 2018 Task 1); tests check both agree.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from diffseg.imageio import InputError, read_mask
+from diffseg.imageio import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +73,48 @@ def _ids_in(folder: Path) -> dict[str, Path]:
             if p.name.endswith(PNG_SUFFIX) and not p.name.startswith(".")}
 
 
+def official_metrics(pred_png: str | os.PathLike, truth_png: str | os.PathLike) -> dict[str, float]:
+    """One image scored by the official ISIC 2018 scorer (isic-challenge-scoring): its image loading,
+    its binarisation (> 128), its confusion matrix and its metric functions (precision = its PPV).
+
+    A size mismatch or an unreadable / non-greyscale file is an InputError naming the file.
+    """
+    from isic_challenge_scoring import metrics as isic
+    from isic_challenge_scoring.confusion import create_binary_confusion_matrix
+    from isic_challenge_scoring.load_image import load_segmentation_image
+    from isic_challenge_scoring.types import ScoreError
+
+    images = []
+    for path in (pred_png, truth_png):
+        try:
+            images.append(load_segmentation_image(Path(path)))
+        except ScoreError as err:
+            raise InputError(path, str(err)) from err
+    pred, truth = images
+    if pred.shape != truth.shape:
+        raise InputError(pred_png, f"mask is {pred.shape[1]}x{pred.shape[0]} px; "
+                         f"ground truth {Path(truth_png).name} is {truth.shape[1]}x{truth.shape[0]}")
+    cm = create_binary_confusion_matrix(truth_binary_values=truth > 128, prediction_binary_values=pred > 128)
+    return {"dice": isic.binary_dice(cm), "jaccard": isic.binary_jaccard(cm), "precision": isic.binary_ppv(cm),
+            "recall": isic.binary_sensitivity(cm),
+            "threshold_jaccard": isic.binary_threshold_jaccard(cm, threshold=ISIC_JACCARD_THRESHOLD)}
+
+
+def score_png_pairs(pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]]) -> pd.DataFrame:
+    """Official per-image scores of (id, prediction PNG, ground-truth PNG) triples: one row per image.
+
+    A missing prediction is an error naming the file, as in the official scorer.
+    """
+    rows = []
+    for image_id, pred_png, truth_png in pairs:
+        if not Path(pred_png).is_file():
+            raise InputError(pred_png, "prediction missing")
+        rows.append({"id": image_id, **official_metrics(pred_png, truth_png)})
+    return pd.DataFrame(rows, columns=["id", *METRICS])
+
+
 def score_png_folder(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike) -> pd.DataFrame:
-    """Score every <id>_segmentation.png of truth_dir against the same name in pred_dir.
+    """Score every <id>_segmentation.png of truth_dir against the same name in pred_dir (score_png_pairs).
 
     Returns one row per image (id plus the metrics). A missing prediction or a size mismatch is an
     error naming the file, as in the official scorer.
@@ -79,17 +122,9 @@ def score_png_folder(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike) 
     truths, preds = _ids_in(Path(truth_dir)), _ids_in(Path(pred_dir))
     if not truths:
         raise InputError(truth_dir, f"no *{PNG_SUFFIX} ground-truth masks found")
-    rows = []
-    for image_id, truth_file in truths.items():
-        if image_id not in preds:
-            raise InputError(Path(pred_dir) / f"{image_id}{PNG_SUFFIX}", "prediction missing")
-        truth, pred = read_mask(truth_file), read_mask(preds[image_id])
-        if pred.shape != truth.shape:
-            raise InputError(preds[image_id], f"mask is {pred.shape[1]}x{pred.shape[0]} px; "
-                             f"ground truth {truth_file.name} is {truth.shape[1]}x{truth.shape[0]}")
-        rows.append({"id": image_id, **mask_metrics(pred, truth)})
     extra = sorted(set(preds) - set(truths))
     if extra:
         logger.warning("%d predictions in %s have no ground truth and are ignored (e.g. %s)",
                        len(extra), pred_dir, extra[0])
-    return pd.DataFrame(rows, columns=["id", *METRICS])
+    return score_png_pairs([(image_id, Path(pred_dir) / f"{image_id}{PNG_SUFFIX}", truth_file)
+                            for image_id, truth_file in truths.items()])

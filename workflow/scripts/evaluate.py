@@ -10,6 +10,8 @@ with log_to(snakemake.log[0]):
         dict(zip(snakemake.params.baselines, snakemake.input.baselines)),
         snakemake.output.per_image,
         snakemake.output.table,
+        truth_dir=snakemake.input.truth,
+        png_dir=snakemake.output.png,
         calibration_h5=snakemake.input.calibration,
         **snakemake.params.cfg,
     )
