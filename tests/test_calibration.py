@@ -33,10 +33,12 @@ def test_bias_map_is_subtracted_before_the_threshold():
     frame[:, 0, :] = frame[:, -1, :] = frame[:, :, 0] = frame[:, :, -1] = 0.9  # the border artefact
     lesion = disc(8, 8, 3)
     maps = frame + 0.6 * lesion
-    cal = Calibration(method="calibrated", threshold=0.3, bias_map=frame, blur_sigma=0.0)
+    cal = Calibration(method="calibrated", threshold=0.3, bias_map=frame, blur_sigma=0.0, sigmoid_scale=0.05,
+                      closing_px=0, fill_holes=False, largest_component=False)
     prob, binary = apply_calibration(maps, cal)
     assert (binary == lesion).all()
-    _, without = apply_calibration(maps, Calibration(method="calibrated", threshold=0.3, blur_sigma=0.0))
+    _, without = apply_calibration(maps, Calibration(method="calibrated", threshold=0.3, blur_sigma=0.0,
+                                                         sigmoid_scale=0.05, closing_px=0, fill_holes=False, largest_component=False))
     assert without[:, 0, :].all()  # without the bias map the frame is "lesion"
     assert prob[0, 8, 8] == pytest.approx(1 / (1 + np.exp(-(0.6 - 0.3) / 0.05)))
     with pytest.raises(ValueError, match="bias_map"):
@@ -63,15 +65,16 @@ def test_sigmoid_is_one_half_at_the_threshold():
 
 def test_cleanup_closing_holes_largest_component():
     ring = disc(8, 8, 5) & ~disc(8, 8, 2)
-    np.testing.assert_array_equal(cleanup(ring, fill_holes=True), disc(8, 8, 5))
+    np.testing.assert_array_equal(cleanup(ring, closing_px=0, fill_holes=True, largest_component=False), disc(8, 8, 5))
     gap = disc(8, 8, 5).copy()
     gap[:, 8] = False  # a one-pixel cut
-    assert cleanup(gap, closing_px=1)[8, 8] and not cleanup(gap)[8, 8]
+    assert cleanup(gap, closing_px=1, fill_holes=False, largest_component=False)[8, 8]
+    assert not cleanup(gap, closing_px=0, fill_holes=False, largest_component=False)[8, 8]
     two = disc(5, 5, 3) | disc(13, 13, 1)
-    np.testing.assert_array_equal(cleanup(two, largest_component=True), disc(5, 5, 3))
+    np.testing.assert_array_equal(cleanup(two, closing_px=0, fill_holes=False, largest_component=True), disc(5, 5, 3))
     edge = np.zeros((R, R), bool)
     edge[:, :4] = True  # touching the border: closing must not erode it
-    np.testing.assert_array_equal(cleanup(edge, closing_px=2), edge)
+    np.testing.assert_array_equal(cleanup(edge, closing_px=2, fill_holes=False, largest_component=False), edge)
     assert not cleanup(np.zeros((R, R), bool), closing_px=1, fill_holes=True, largest_component=True).any()
 
 
@@ -114,7 +117,8 @@ def test_fit_calibration_paper_keeps_the_configured_threshold():
 
 def test_fit_calibration_calibrated_fits_threshold_scale_bias():
     maps, truth = val_set(n=8)
-    cal, report = fit_calibration(maps, truth, [60, 70], blur_sigma=0.0, closing_px=0)
+    cal, report = fit_calibration(maps, truth, [60, 70], method="calibrated", bias=True, blur_sigma=0.0,
+                                  closing_px=0)
     assert cal.method == "calibrated" and cal.bias_map.shape == (2, R, R)
     assert report["val_dice_vote"] == pytest.approx(1.0)
     assert 0.0 < cal.sigmoid_scale <= 0.2
@@ -140,8 +144,8 @@ def write_files(tmp_path, maps, truth, split="val"):
 def test_run_calibrate_uses_val_only_and_round_trips(tmp_path):
     maps, truth = val_set(n=6)
     write_files(tmp_path, maps, truth)
-    report = run_calibrate(tmp_path / "dataset.h5", tmp_path / "inf.h5", tmp_path / "cal.h5", blur_sigma=0.0,
-                           closing_px=0)
+    report = run_calibrate(tmp_path / "dataset.h5", tmp_path / "inf.h5", tmp_path / "cal.h5", method="calibrated",
+                           bias=True, blur_sigma=0.0, closing_px=0)
     assert report["threshold"] == pytest.approx(0.02) or report["val_dice_vote"] == pytest.approx(1.0)
     cal = load_calibration(tmp_path / "cal.h5")
     assert cal.method == "calibrated" and cal.timesteps == [60, 70] and cal.bias_map.shape == (2, R, R)
@@ -160,6 +164,9 @@ def test_save_load_paper_and_errors(tmp_path):
     save_calibration(tmp_path / "p.h5", Calibration(timesteps=[5]), (1, 4, 4), {})
     cal = load_calibration(tmp_path / "p.h5")
     assert cal.method == "paper" and cal.bias_map is None and cal.threshold == 0.5 and cal.best_timestep is None
+    assert cal.sigmoid_scale is None  # not fitted: stored as NaN, read back as None
+    with pytest.raises(ValueError, match="sigmoid_scale is not fitted"):
+        apply_calibration(np.zeros((1, 4, 4), np.float32), Calibration(method="calibrated"))
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f.attrs["method"] = "paper"
     with pytest.raises(InputError, match="threshold"):
@@ -175,7 +182,7 @@ def test_binary_outputs_stored_for_the_paper_identity_computed_otherwise():
     stored = np.zeros(maps.shape, np.uint8)  # deliberately unlike maps > 0.5: must come back untouched
     assert binary_outputs(None, stored) is stored and binary_outputs(PAPER, stored, maps) is stored
     assert not needs_maps(None) and not needs_maps(PAPER)
-    cal = Calibration(method="calibrated", threshold=0.02, blur_sigma=0.0)
+    cal = Calibration(method="calibrated", threshold=0.02, blur_sigma=0.0, sigmoid_scale=0.05)
     assert needs_maps(cal)
     np.testing.assert_array_equal(binary_outputs(cal, stored, maps), np.stack([apply_calibration(m, cal)[1] for m in maps]))
     np.testing.assert_array_equal(binary_outputs(cal, stored[0], maps[0]), apply_calibration(maps[0], cal)[1])

@@ -188,7 +188,8 @@ def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
     from diffseg.postprocess import Calibration, apply_calibration
 
     scenes, maps = _write_inputs(tmp_path)
-    cal = Calibration(method="calibrated", threshold=0.4, blur_sigma=0.0, sigmoid_scale=0.1, timesteps=[60] * 5)
+    cal = Calibration(method="calibrated", threshold=0.4, blur_sigma=0.0, sigmoid_scale=0.1, timesteps=[60] * 5,
+                      closing_px=0, fill_holes=False, largest_component=False)
     save_calibration(tmp_path / "cal.h5", cal, maps.shape[1:], {})
     settings = CRFSettings(rounds=3, subset_size=2, seed=5)
     run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "paper.h5", settings)

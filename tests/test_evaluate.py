@@ -268,8 +268,8 @@ def test_calibrated_rows_beside_the_paper_rows(files, tmp_path):
     from diffseg.postprocess import Calibration
     from diffseg.evaluate import PAPER_BEST_T_METHOD, PAPER_FINAL_METHOD, PAPER_MEAN_METHOD
 
-    cal = Calibration(method="calibrated", threshold=0.5, blur_sigma=0.0, largest_component=True,
-                      best_timestep=60, timesteps=[60, 70, 80])
+    cal = Calibration(method="calibrated", threshold=0.5, blur_sigma=0.0, largest_component=True, closing_px=0,
+                      fill_holes=False, sigmoid_scale=0.05, best_timestep=60, timesteps=[60, 70, 80])
     save_calibration(tmp_path / "cal.h5", cal, (3, R, R), {})
     with h5py.File(files["crf"], "a") as f:
         n = len(f["ids"])
@@ -349,7 +349,8 @@ def test_ged_of_the_n_outputs_for_the_paper_path_and_the_calibrated_path(files, 
     from diffseg.evaluate import PAPER_FINAL_METHOD
 
     save_calibration(tmp_path / "cal.h5", Calibration(method="calibrated", threshold=0.5, blur_sigma=0.0,
-                                                      largest_component=True, best_timestep=60,
+                                                      largest_component=True, closing_px=0, fill_holes=False,
+                                                      sigmoid_scale=0.05, best_timestep=60,
                                                       timesteps=[60, 70, 80]), (3, R, R), {})
     with h5py.File(files["crf"], "a") as f:
         n = len(f["ids"])

@@ -128,7 +128,8 @@ def test_run_uncertainty_uses_the_calibrated_outputs(tmp_path):
     _write_inference(tmp_path / "inf.h5", binary, ["ISIC_0000001", "ISIC_0000002"])
     bias = np.zeros((4, 8, 8), np.float32)
     bias[:2, :4] = 1.0
-    cal = Calibration(method="calibrated", threshold=0.5, bias_map=bias, blur_sigma=0.0, timesteps=[60, 70, 80, 90])
+    cal = Calibration(method="calibrated", threshold=0.5, bias_map=bias, blur_sigma=0.0, timesteps=[60, 70, 80, 90],
+                      sigmoid_scale=0.05, closing_px=0, fill_holes=False, largest_component=False)
     save_calibration(tmp_path / "cal.h5", cal, (4, 8, 8), {})
     run_uncertainty(tmp_path / "inf.h5", tmp_path / "u.h5", tmp_path / "u.csv", calibration_h5=tmp_path / "cal.h5")
     with h5py.File(tmp_path / "u.h5") as f:

@@ -25,7 +25,7 @@ from diffseg.atomic import atomic_path
 from diffseg.h5io import check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import dice
-from diffseg.postprocess import Calibration, apply_calibration, corrected_maps, vote
+from diffseg.postprocess import Calibration, calibrated_outputs, corrected_maps, vote
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _val_dice(maps: np.ndarray, truth: np.ndarray, cal: Calibration) -> tuple[fl
     """(mean Dice of the vote, mean Dice per timestep) of a calibration on the validation images."""
     vote_dice, per_t = [], []
     for m, y in zip(maps, truth):
-        _, binary = apply_calibration(m, cal)
+        binary = calibrated_outputs(m, cal)
         vote_dice.append(dice(vote(binary), y))
         per_t.append([dice(b, y) for b in binary])
     return float(np.mean(vote_dice)), np.mean(per_t, axis=0)
@@ -115,7 +115,7 @@ def fit_sigmoid_scale(maps: np.ndarray, truth: np.ndarray, cal: Calibration,
 
 
 def fit_calibration(val_maps: np.ndarray, val_truth: np.ndarray, timesteps: Sequence[int], *,
-                    method: str = "calibrated", threshold: float | str = 0.5, bias: bool = True,
+                    method: str = "paper", threshold: float | str = 0.5, bias: bool = False,
                     blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
                     largest_component: bool = True, sigmoid_scale: float | None = None) -> tuple[Calibration, dict]:
     """Fit a calibration on the VALIDATION maps (N, T, H, W) and masks (N, H, W). Returns (calibration, report).
@@ -160,7 +160,8 @@ def save_calibration(path: str | os.PathLike, cal: Calibration, shape: tuple[int
         f.create_dataset("timesteps", data=np.asarray(cal.timesteps, np.int32))
         bias = cal.bias_map if cal.bias_map is not None else np.zeros(shape, np.float32)
         f.create_dataset("bias_map", data=np.asarray(bias, np.float32))
-        f.attrs.update({"method": cal.method, "threshold": cal.threshold, "sigmoid_scale": cal.sigmoid_scale,
+        scale = np.nan if cal.sigmoid_scale is None else cal.sigmoid_scale  # HDF5 attributes hold no None
+        f.attrs.update({"method": cal.method, "threshold": cal.threshold, "sigmoid_scale": scale,
                         "blur_sigma": cal.blur_sigma, "closing_px": cal.closing_px, "fill_holes": cal.fill_holes,
                         "largest_component": cal.largest_component, "bias": cal.bias_map is not None,
                         "best_timestep": -1 if cal.best_timestep is None else cal.best_timestep,
@@ -181,8 +182,9 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
         a = f.attrs
         threshold = a["threshold"]
         threshold = str(threshold) if isinstance(threshold, (str, bytes)) else float(threshold)
-        best = int(a["best_timestep"])
-        return Calibration(method=str(a["method"]), threshold=threshold, sigmoid_scale=float(a["sigmoid_scale"]),
+        best, scale = int(a["best_timestep"]), float(a["sigmoid_scale"])
+        return Calibration(method=str(a["method"]), threshold=threshold,
+                           sigmoid_scale=None if np.isnan(scale) else scale,
                            blur_sigma=float(a["blur_sigma"]), closing_px=int(a["closing_px"]),
                            fill_holes=bool(a["fill_holes"]), largest_component=bool(a["largest_component"]),
                            bias_map=f["bias_map"][()] if bool(a["bias"]) else None,
@@ -190,8 +192,8 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 
 
 def run_calibrate(dataset_h5: str | os.PathLike, val_inference_h5: str | os.PathLike,
-                  out_h5: str | os.PathLike, *, method: str = "calibrated", threshold: float | str = 0.5,
-                  bias: bool = True, blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
+                  out_h5: str | os.PathLike, *, method: str = "paper", threshold: float | str = 0.5,
+                  bias: bool = False, blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
                   largest_component: bool = True, sigmoid_scale: float | None = None) -> dict:
     """Fit the calibration on the val split's inference file and the val masks; write calibration.h5."""
     truth = read_h5(dataset_h5, ["masks"], group="val")

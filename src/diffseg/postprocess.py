@@ -98,14 +98,15 @@ def postprocess_image(raw: np.ndarray, *, normalise: str = "p99", threshold: flo
 class Calibration:
     """Settings that turn normalised maps into probabilities and binary outputs (see module doc)."""
 
+    # defaults = config/schema.yaml's (method paper ignores every field but threshold)
     method: str = "paper"
     threshold: float | str = 0.5
     bias_map: np.ndarray | None = None  # (T, H, W) subtracted from the maps; None = no bias map
-    blur_sigma: float = 0.0
-    sigmoid_scale: float = 0.05
-    closing_px: int = 0
-    fill_holes: bool = False
-    largest_component: bool = False
+    blur_sigma: float = 1.0
+    sigmoid_scale: float | None = None  # None = not fitted yet (calibration.fit_calibration fits it on val)
+    closing_px: int = 1
+    fill_holes: bool = True
+    largest_component: bool = True
     best_timestep: int | None = None
     timesteps: list = field(default_factory=list)
 
@@ -114,7 +115,7 @@ class Calibration:
             raise ValueError(f"calibration.method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
         if self.method == "calibrated" and not isinstance(self.threshold, (int, float)):
             raise ValueError(f"calibration.threshold must be a number for method 'calibrated', got {self.threshold!r}")
-        if self.sigmoid_scale <= 0:
+        if self.sigmoid_scale is not None and self.sigmoid_scale <= 0:
             raise ValueError(f"calibration.sigmoid_scale must be > 0, got {self.sigmoid_scale}")
 
     @property
@@ -132,8 +133,7 @@ class Calibration:
 PAPER = Calibration()
 
 
-def cleanup(mask: np.ndarray, *, closing_px: int = 0, fill_holes: bool = False,
-            largest_component: bool = False) -> np.ndarray:
+def cleanup(mask: np.ndarray, *, closing_px: int, fill_holes: bool, largest_component: bool) -> np.ndarray:
     """Morphological clean-up of one bool mask (H, W): closing (disk radius), hole filling, largest component."""
     mask = np.asarray(mask, bool)
     if closing_px > 0 and mask.any():
@@ -162,21 +162,35 @@ def corrected_maps(maps: np.ndarray, cal: Calibration) -> np.ndarray:
     return maps
 
 
+def _checked_maps(maps: np.ndarray) -> np.ndarray:
+    maps = np.asarray(maps, np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"apply_calibration: maps must be (T, H, W), got {maps.shape}")
+    return maps
+
+
+def calibrated_outputs(maps: np.ndarray, cal: Calibration) -> np.ndarray:
+    """One image's binary outputs (T, H, W) uint8 under ``cal`` (no sigmoid scale needed: usable while fitting)."""
+    maps = _checked_maps(maps)
+    if cal.is_paper:
+        return binarize(maps, cal.threshold)
+    return np.stack([cleanup(m > cal.threshold, closing_px=cal.closing_px, fill_holes=cal.fill_holes,
+                             largest_component=cal.largest_component)
+                     for m in corrected_maps(maps, cal)]).astype(np.uint8)
+
+
 def apply_calibration(maps: np.ndarray, cal: Calibration = PAPER) -> tuple[np.ndarray, np.ndarray]:
     """One image's normalised maps (T, H, W) -> (lesion probabilities float32, binary uint8), both (T, H, W).
 
     For ``method="paper"`` the probabilities are the maps and the binary outputs equal inference's.
     """
-    maps = np.asarray(maps, np.float32)
-    if maps.ndim != 3:
-        raise ValueError(f"apply_calibration: maps must be (T, H, W), got {maps.shape}")
+    maps = _checked_maps(maps)
     if cal.is_paper:
-        return maps, binarize(maps, cal.threshold)
-    corrected = corrected_maps(maps, cal)
-    prob = 1.0 / (1.0 + np.exp(-(corrected - cal.threshold) / cal.sigmoid_scale))
-    binary = np.stack([cleanup(m > cal.threshold, closing_px=cal.closing_px, fill_holes=cal.fill_holes,
-                               largest_component=cal.largest_component) for m in corrected])
-    return prob.astype(np.float32), binary.astype(np.uint8)
+        return maps, calibrated_outputs(maps, cal)
+    if cal.sigmoid_scale is None:
+        raise ValueError("apply_calibration: sigmoid_scale is not fitted (calibration.fit_calibration fits it on val)")
+    prob = 1.0 / (1.0 + np.exp(-(corrected_maps(maps, cal) - cal.threshold) / cal.sigmoid_scale))
+    return prob.astype(np.float32), calibrated_outputs(maps, cal)
 
 
 def needs_maps(cal: Calibration | None) -> bool:
@@ -186,7 +200,7 @@ def needs_maps(cal: Calibration | None) -> bool:
 
 def calibrated_binary(maps: np.ndarray, cal: Calibration) -> np.ndarray:
     """(N, T, H, W) uint8 binary outputs of every image's maps (N, T, H, W) through apply_calibration."""
-    return np.stack([apply_calibration(m, cal)[1] for m in maps]) if len(maps) else np.zeros_like(maps, np.uint8)
+    return np.stack([calibrated_outputs(m, cal) for m in maps]) if len(maps) else np.zeros_like(maps, np.uint8)
 
 
 def binary_outputs(cal: Calibration | None, stored_binary: np.ndarray, maps=None) -> np.ndarray:
@@ -197,7 +211,7 @@ def binary_outputs(cal: Calibration | None, stored_binary: np.ndarray, maps=None
     if maps is None:
         raise ValueError("binary_outputs: a non-paper calibration needs the maps")
     maps = np.asarray(maps, np.float32)
-    return apply_calibration(maps, cal)[1] if maps.ndim == 3 else calibrated_binary(maps, cal)
+    return calibrated_outputs(maps, cal) if maps.ndim == 3 else calibrated_binary(maps, cal)
 
 
 def vote(binary: np.ndarray) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""One source of defaults: every package keyword that a config key sets defaults to config/schema.yaml's value.
+
+For every section of the schema, CONSUMERS lists the functions, classes and default dicts the rules
+pass that section's keys to (directly or one call down, as the fitted Calibration and cleanup are).
+Each such keyword either has no default or has the schema's default; every key of every section is
+taken by at least one consumer (or is listed in PASSED_DIFFERENTLY), so a new key cannot be forgotten.
+"""
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, figures, inference,
+                     postprocess, train, unet)
+from diffseg.augment import PairedAugment
+from diffseg.schedule import linear_betas
+
+SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+SECTIONS = {name: spec for name, spec in yaml.safe_load(SCHEMA.read_text())["properties"].items()
+            if spec.get("type") == "object"}
+
+# section -> consumers: a callable, a dict of defaults, or (consumer, {config key: keyword name}) where the
+# mapping is complete (a consumer that takes a key under another name is checked for those keys only)
+CONSUMERS = {
+    "demo": [demo.make_demo_dataset],
+    "prepare": [data.prepare_dataset, data.write_preview],
+    "augment": [PairedAugment],
+    "diffusion": [linear_betas, ddpm.DIFFUSION_DEFAULTS],
+    "model": [unet.ConditionalUNet, ddpm.MODEL_DEFAULTS, ddpm.PairSampler],
+    "train": [ddpm.TRAIN_DEFAULTS, train.Trainer],
+    "inference": [inference.InferenceSettings, postprocess.postprocess_image, postprocess.binarize,
+                  (postprocess.normalise, {"normalise": "method"}),
+                  # rule calibrate passes inference.threshold (their 'method' is calibration.method)
+                  *[(fn, {"threshold": "threshold"}) for fn in (postprocess.Calibration, calibration.fit_calibration,
+                                                                 calibration.run_calibrate)]],
+    "calibration": [calibration.run_calibrate, calibration.fit_calibration, postprocess.Calibration,
+                    postprocess.cleanup],
+    "crf": [crf.CRFSettings],
+    "baselines": [baselines.train_baseline, baselines.predict_baseline, unet.SegUNet],
+    "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks],
+    "figures": [figures.run_figures],
+}
+# keys a rule passes under another name or handles itself (never as a keyword with a default)
+PASSED_DIFFERENTLY = {
+    "inference": {"splits"},  # the rule's split wildcard
+    "baselines": {"methods"},  # which predict/train jobs exist
+}
+
+
+def keyword_defaults(consumer) -> dict:
+    """{name: default} of a consumer's keywords (or dataclass fields); names without a default map to EMPTY."""
+    if isinstance(consumer, dict):
+        return dict(consumer)
+    if dataclasses.is_dataclass(consumer):
+        out = {}
+        for f in dataclasses.fields(consumer):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = inspect.Parameter.empty
+        return out
+    target = consumer.__init__ if inspect.isclass(consumer) else consumer
+    return {name: p.default for name, p in inspect.signature(target).parameters.items()}
+
+
+def comparable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def consumers(section):
+    for entry in CONSUMERS[section]:
+        consumer, renames = entry if isinstance(entry, tuple) else (entry, {})
+        yield getattr(consumer, "__qualname__", repr(consumer)[:40]), keyword_defaults(consumer), renames
+
+
+def test_every_schema_section_has_consumers():
+    assert sorted(CONSUMERS) == sorted(SECTIONS)
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_keyword_defaults_equal_the_schema(section):
+    props = SECTIONS[section]["properties"]
+    taken = set(PASSED_DIFFERENTLY.get(section, set()))
+    for name, defaults, renames in consumers(section):
+        for key, spec in props.items():
+            if renames and key not in renames:
+                continue
+            keyword = renames.get(key, key)
+            if keyword not in defaults:
+                continue
+            taken.add(key)
+            if defaults[keyword] is inspect.Parameter.empty:
+                continue  # no default: the config is the only source
+            assert comparable(defaults[keyword]) == spec["default"], (
+                f"{name}: keyword {keyword}={defaults[keyword]!r} but config/schema.yaml {section}.{key} "
+                f"defaults to {spec['default']!r}")
+    assert taken == set(props), f"{section}: keys no consumer takes: {sorted(set(props) - taken)}"
+
+
+def test_a_drift_is_caught():
+    """The check itself: a function whose default differs from the schema fails it."""
+    def drifted(*, rounds=4):
+        return rounds
+
+    defaults = keyword_defaults(drifted)
+    assert comparable(defaults["rounds"]) != SECTIONS["crf"]["properties"]["rounds"]["default"]
