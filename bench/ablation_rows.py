@@ -43,8 +43,9 @@ def run_overlay(trained: Path, workdir: Path, seed: int, overlay: str, base: str
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for part in ("data", "models"):
-        shutil.copytree(trained / part, out / part, copy_function=shutil.copy2)  # keeps mtimes: no retraining
+    for part in ("demo_data", "data", "models"):  # demo_data: the synthetic data, when data_dir is null
+        if (trained / part).is_dir():
+            shutil.copytree(trained / part, out / part, copy_function=shutil.copy2)  # keeps mtimes: no retraining
     run_yaml = out / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({"results_dir": str(out), "train": {"seed": seed},
                                         "baselines": {"seed": seed}}))

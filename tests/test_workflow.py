@@ -107,6 +107,15 @@ def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_
     assert "paper post-processing" in table  # the faithful rows beside the calibrated ones
     per_image = pd.read_csv(tiny_run / "results/metrics/test.csv")
     assert len(per_image) > 0 and per_image["dice"].between(0, 1).all()
+    # the official score first: every row's masks at the demo images' original size (64 px; model at 16 px)
+    assert table.index("## Official ISIC 2018 Task 1 score") < table.index("## At the model's working resolution")
+    assert "the model worked at 16 x 16 px" in table and "(64 x 64 px;" in table
+    assert per_image["official_dice"].between(0, 1).all()
+    rows = sorted(p.name for p in (tiny_run / "results/metrics/test_png").iterdir() if p.is_dir())
+    assert len(rows) == per_image["method"].nunique() and "otsu" in rows
+    crf_pngs = sorted((tiny_run / "results/crf/test_png").glob("*_segmentation.png"))
+    scored = tiny_run / "results/metrics/test_png/diffseg_crf_fusion"
+    assert crf_pngs and [p.read_bytes() for p in crf_pngs] == [(scored / p.name).read_bytes() for p in crf_pngs]
 
     again = snakemake(tiny_run, "-n")
     assert again.returncode == 0
