@@ -186,7 +186,7 @@ def _diffseg_rows(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split, ids,
     return masks, extra, timesteps, len(inf["timesteps"])
 
 
-def _baseline_masks(name: str, path, ids, truth) -> np.ndarray:
+def _baseline_masks(path, ids, truth) -> np.ndarray:
     data = read_h5(path, ["masks"])
     masks = data["masks"][match_rows(ids, data["ids"], path)]
     check_resolution(masks, truth, path, "masks")
@@ -345,7 +345,7 @@ def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os
     truth_files = truth_mask_files(truth_dir, ids)
     masks, extra, best_t, n_outputs = _diffseg_rows(dataset_h5, inference_h5s, uncertainty_h5, crf_h5, split,
                                                     ids, truth, calibration_h5)
-    masks.update({BASELINE_NAMES.get(name, name): _baseline_masks(name, path, ids, truth)
+    masks.update({BASELINE_NAMES.get(name, name): _baseline_masks(path, ids, truth)
                   for name, path in baselines.items()})
     official = official_scores(export_rows(masks, ids, truth_data["orig_size"], png_dir), truth_files)
     tables = [_per_image_table(m, ids, masks[m], truth, extra.get(m), official[m]) for m in masks]
