@@ -214,6 +214,7 @@ def train_baseline(
         checkpoint=checkpoint, resume_path=resume_path_for(checkpoint), metrics_csv=log_csv, config=config,
         steps=steps, lr=lr, weight_decay=1e-4, seed=seed, precision=precision, device=device,
         evaluate=val_dice, eval_every=eval_every, patience=patience, kind=CHECKPOINT_KIND, **schedule_for(steps),
+        batch_setting="baselines.batch_size",
     )
     sampler.to(trainer.device, trainer.memory_format)
     return {**trainer.fit(), "name": name, "image_size": image_size, "parameters": count_parameters(net)}

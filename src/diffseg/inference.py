@@ -30,7 +30,7 @@ from diffseg.ddpm import load_model
 from diffseg.h5io import write_ids
 from diffseg.imageio import InputError
 from diffseg.postprocess import NORMALISE_METHODS, check_threshold, postprocess_image
-from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
+from diffseg.runtime import autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
 from diffseg.seeding import image_generator
 from diffseg.shards import shard_indices
@@ -354,7 +354,10 @@ def run_inference(
         "diffseg_version": diffseg.__version__, "split": split,
     }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
     start = time.perf_counter()
-    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
+    # No automatic halving on OOM: a batch's composition changes CPU/GPU rounding, so results would differ.
+    oom_where = f"in inference ({2 * len(timesteps)} network passes per image in one call)"
+    with (name_the_setting_on_oom("inference.batch_images", s.batch_images, oom_where),
+          atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out):
         create_output(out, ids, timesteps, resolution, attrs)
         n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev)
     seconds = time.perf_counter() - start

@@ -44,6 +44,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def name_the_setting_on_oom(setting: str, value: int, where: str, then: str = ""):
+    """Re-raise a GPU out-of-memory error inside the block naming the config key to lower and its value.
+
+    torch's own message names only bytes; a user needs the setting. ``then`` is appended (e.g. what was kept).
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(
+            f"out of GPU memory {where} with {setting} = {value}: lower {setting} and rerun"
+            f"{'; ' + then if then else ''} (torch: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from err
+
+
 def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
     """A generator on `device`: the given one if it lives there, else one seeded from it (deterministic)."""
     if generator.device.type == device.type:

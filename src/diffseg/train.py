@@ -30,7 +30,7 @@ from tqdm import tqdm
 from diffseg import __version__
 from diffseg.atomic import atomic_path
 from diffseg.imageio import InputError
-from diffseg.runtime import resolve_device, resolve_dtype
+from diffseg.runtime import name_the_setting_on_oom, resolve_device, resolve_dtype
 from diffseg.seeding import image_seed
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"{path}: refusing to save a checkpoint without keys {missing}")
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: a full disk keeps its OSError
+        torch.save(checkpoint, fh)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", kind: str | None = None) -> dict:
@@ -178,6 +178,7 @@ class Trainer:
         patience: int | None = None,
         maximize: bool = True,
         kind: str = "ddpm",
+        batch_setting: str = "train.batch_size",
     ):
         if steps < 1 or checkpoint_every < 1 or log_every < 1:
             raise ValueError(f"train: steps, checkpoint_every and log_every must be >= 1, "
@@ -195,7 +196,7 @@ class Trainer:
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self.checkpoint_every, self.log_every, self.seed = checkpoint_every, log_every, seed
         self.evaluate, self.eval_every, self.patience, self.maximize = evaluate, eval_every, patience, maximize
-        self.kind = kind
+        self.kind, self.batch_setting = kind, batch_setting  # batch_setting: the config key an OOM error names
         on_cuda_cl = channels_last and self.device.type == "cuda"
         self.memory_format = torch.channels_last if on_cuda_cl else torch.contiguous_format
 
@@ -278,10 +279,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         batch = self.sample_batch(step, generator, self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            loss = self.loss_fn(self.train_model, batch, generator).float()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with name_the_setting_on_oom(self.batch_setting, batch_size_of(batch), f"at training step {step + 1}",
+                                     then=self.kept_checkpoint_text()):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss = self.loss_fn(self.train_model, batch, generator).float()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
         if self.grad_clip and self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
