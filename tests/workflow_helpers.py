@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,12 @@ def workflow_copy(dest: Path, config: dict | None = None) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, configfiles: tuple[str, ...] = ("test.yaml",), timeout: int = 900):
-    """Run Snakemake in ``workdir``; the config files go last so they never swallow a target."""
+def snakemake(workdir: Path, *args: str, configfiles: tuple[str, ...] = ("test.yaml",), timeout: int = 900,
+              env: dict[str, str] | None = None):
+    """Run Snakemake in ``workdir``; the config files go last so they never swallow a target.
+
+    ``env``: variables added to this process's environment for the run.
+    """
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args, "--configfile", *configfiles]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

@@ -55,17 +55,18 @@ class DiskFillsUp:
     test_a_real_full_disk_... below fills a real tmpfs where user namespaces allow one.)
     """
 
-    def __init__(self, monkeypatch, writes: int):
-        self.left, self.done = writes, 0
+    def __init__(self, monkeypatch, writes: int | None):
+        self.left, self.done = writes, 0  # writes None: never full, only count
         for cls, name in ((h5py.Group, "create_dataset"), (h5py.Dataset, "__setitem__")):
             monkeypatch.setattr(cls, name, self.counted(getattr(cls, name)))
 
     def counted(self, write):
         def once_more(*args, **kwargs):
-            if self.left == 0:
-                raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: errno = 28, "
-                                            "error message = 'No space left on device')")
-            self.left -= 1
+            if self.left is not None:
+                if self.left == 0:
+                    raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: errno = 28, "
+                                                "error message = 'No space left on device')")
+                self.left -= 1
             self.done += 1
             return write(*args, **kwargs)
 
@@ -114,15 +115,17 @@ def test_full_disk_while_gathering_an_hdf5_file_names_it_and_the_rerun_completes
 def test_full_disk_during_inference_names_the_output_and_the_rerun_completes(fake_ddpm, dataset, tmp_path,
                                                                              monkeypatch):
     path, _ = dataset
-    out = tmp_path / "inference" / "test.h5"
+    out, clean = tmp_path / "inference" / "test.h5", tmp_path / "clean.h5"
     with monkeypatch.context() as patch:
-        disk = DiskFillsUp(patch, writes=7)  # 4 datasets, batch 1's rows, batch 2's maps: full
+        counter = DiskFillsUp(patch, writes=None)
+        run(path, fake_ddpm, clean, batch_images=2)
+    assert counter.done >= 6  # the datasets, then the rows of 4 batches
+    with monkeypatch.context() as patch:
+        disk = DiskFillsUp(patch, writes=counter.done // 2)  # full half-way through
         with pytest.raises(DiskFullError, match=rf"{re.escape(str(out))}: disk full"):
             run(path, fake_ddpm, out, batch_images=2)
-    assert disk.done == 7 and list(out.parent.iterdir()) == []
+    assert disk.done == counter.done // 2 and list(out.parent.iterdir()) == []
     run(path, fake_ddpm, out, batch_images=2)
-    clean = tmp_path / "clean.h5"
-    run(path, fake_ddpm, clean, batch_images=2)
     got, want = read_all(out), read_all(clean)
     for key in want[0]:
         np.testing.assert_array_equal(got[0][key], want[0][key])
