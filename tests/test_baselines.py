@@ -200,3 +200,17 @@ def test_checkpoint_of_the_other_baseline_is_refused(dataset, tmp_path):
     train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", steps=1, **TINY)
     with pytest.raises(CheckpointError, match="checkpoint is for baseline 'unet', expected 'attention_unet'"):
         predict_baseline("attention_unet", dataset, ckpt, tmp_path / "x.h5", device="cpu")
+
+
+def test_unet_time_budget_stops_keeps_best_and_predicts(dataset, tmp_path):
+    # a budget far below one step's time: the first step spends it, before any evaluation
+    ckpt = tmp_path / "unet.pt"
+    summary = train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", steps=40, max_minutes=1e-9, **TINY)
+    assert summary["steps"] == 1 and summary["stopped_by"] == "max_minutes" and summary["best_metric"] is None
+    saved = load_checkpoint(ckpt, kind="baseline")
+    assert saved["step"] == 1 and saved["config"]["train"]["max_minutes"] == 1e-9
+    assert (tmp_path / "unet.pt.resume.pt").exists()
+    # the rule passes the whole baselines section, max_minutes included, to the prediction too
+    out = tmp_path / "test.h5"
+    predict_baseline("unet", dataset, ckpt, out, device="cpu", base_channels=4, depth=3, max_minutes=1e-9)
+    assert read_predictions(out)[1].shape == (SPLIT_SIZES["test"], SIZE, SIZE)

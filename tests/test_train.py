@@ -270,3 +270,113 @@ def test_early_stopping_keeps_best_ema(tmp_path):
     ckpt = load_checkpoint(tmp_path / "es" / "model.pt")
     assert ckpt["best_metric"] == 0.9
     assert_states_equal(ckpt["ema"], snapshots[1])
+
+
+# ----------------------------------------------------------------------------- time budget (train.max_minutes)
+
+
+class FakeClock:
+    """Seconds that advance only when the training loop reads them: each read is `tick` seconds later."""
+
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_stops_after_the_step_that_spends_it(tmp_path, caplog):
+    # one read at the start, one after each step: 30 s per step, a 2-minute budget ends at step 4
+    trainer = make_trainer(tmp_path, 10, name="tb", log_every=3, checkpoint_every=100,
+                           max_minutes=2, clock=FakeClock(30.0))
+    with caplog.at_level("INFO", logger="diffseg.train"):
+        summary = trainer.fit()
+    assert summary["steps"] == 4 and summary["steps_planned"] == 10 and summary["stopped_by"] == "max_minutes"
+    assert not summary["stopped_early"]
+    final = load_checkpoint(tmp_path / "tb" / "model.pt", kind="ddpm")
+    assert final["step"] == 4 and final["steps_planned"] == 10 and final["stopped_by"] == "max_minutes"
+    assert_states_equal(final["ema"], trainer.ema.state_dict())  # the EMA weights of the step reached
+    rows = list(csv.DictReader(open(tmp_path / "tb" / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 4]  # the stop step is logged although not a log_every step
+    resume = load_checkpoint(tmp_path / "tb" / "model.pt.resume.pt")
+    assert resume["step"] == 4  # kept at the step reached, although checkpoint_every is 100
+    assert "time budget of 2 min reached: training stopped at step 4 of 10" in caplog.text
+
+
+def test_time_budget_then_rerun_continues_to_the_uninterrupted_weights(tmp_path):
+    reference = make_trainer(tmp_path, 10, name="ref")
+    reference.fit()
+    budgeted = make_trainer(tmp_path, 10, name="b", max_minutes=1, clock=FakeClock(10.0))
+    assert budgeted.fit()["steps"] == 6  # 60 s at 10 s per step
+    # same steps, larger budget: continues from the kept resume file and ends with the same weights
+    rerun = make_trainer(tmp_path, 10, name="b", max_minutes=10, clock=FakeClock(10.0))
+    summary = rerun.fit()
+    assert summary["resumed_from"] == 6 and summary["steps"] == 10 and summary["stopped_by"] is None
+    assert not (tmp_path / "b" / "model.pt.resume.pt").exists()
+    a, b = load_checkpoint(tmp_path / "ref" / "model.pt"), load_checkpoint(tmp_path / "b" / "model.pt")
+    assert_states_equal(a["model"], b["model"])
+    assert_states_equal(a["ema"], b["ema"])
+    assert_optimizer_equal(a["optimizer"], b["optimizer"])
+    assert b["step"] == 10 and b["stopped_by"] is None
+
+
+def test_time_budget_that_outlasts_the_steps_changes_nothing(tmp_path):
+    trainer = make_trainer(tmp_path, 5, name="long", max_minutes=60, clock=FakeClock(1.0))
+    summary = trainer.fit()
+    assert summary["steps"] == 5 and summary["stopped_by"] is None
+    assert not (tmp_path / "long" / "model.pt.resume.pt").exists()
+
+
+def test_time_budget_with_early_stopping_keeps_best_evaluated_ema(tmp_path):
+    metrics = iter([0.5, 0.9, 0.7])
+    snapshots = []
+
+    def evaluate(ema_model):
+        snapshots.append({k: v.clone() for k, v in ema_model.state_dict().items()})
+        return next(metrics)
+
+    # evaluations at steps 2, 4, 6; the budget (7 reads of 10 s after the start) ends at step 7
+    trainer = make_trainer(tmp_path, 20, name="tbe", evaluate=evaluate, eval_every=2, patience=5,
+                           max_minutes=70 / 60, clock=FakeClock(10.0))
+    summary = trainer.fit()
+    assert summary["steps"] == 7 and summary["stopped_by"] == "max_minutes" and summary["best_metric"] == 0.9
+    assert_states_equal(load_checkpoint(tmp_path / "tbe" / "model.pt")["ema"], snapshots[1])
+    resume = load_checkpoint(tmp_path / "tbe" / "model.pt.resume.pt")
+    assert resume["step"] == 7 and resume["trainer_state"]["evals_since_best"] == 1
+
+
+def test_time_budget_must_be_positive(tmp_path):
+    for bad in (0, -1.5):
+        with pytest.raises(ValueError, match=f"max_minutes must be a positive number.*{bad}"):
+            make_trainer(tmp_path, 3, max_minutes=bad)
+
+
+def test_train_ddpm_passes_the_time_budget(tmp_path):
+    # a real clock and a budget far below one step's time: training stops after its first step
+    h5 = write_dataset(tmp_path / "dataset.h5")
+    ckpt = tmp_path / "m" / "ddpm.pt"
+    train = {**TRAIN, "steps": 50, "max_minutes": 1e-9}
+    summary = train_ddpm(h5, ckpt, tmp_path / "m" / "l.csv", tmp_path / "m" / "l.png", model=TINY_MODEL,
+                         diffusion=DIFFUSION, augment={}, train=train)
+    assert summary["steps"] == 1 and summary["stopped_by"] == "max_minutes"
+    assert load_checkpoint(ckpt)["config"]["train"]["max_minutes"] == 1e-9
+    assert load_checkpoint(resume_path_for(ckpt))["step"] == 1
+
+
+def test_train_and_baseline_defaults_equal_the_config_schema():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from diffseg.baselines import train_baseline
+    from diffseg.ddpm import TRAIN_DEFAULTS
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
+    sections = schema["properties"]
+    assert {k: v["default"] for k, v in sections["train"]["properties"].items()} == TRAIN_DEFAULTS
+    params = inspect.signature(train_baseline).parameters
+    for key, spec in sections["baselines"]["properties"].items():
+        if key != "methods":  # which baselines run: the workflow's choice, not a training keyword
+            assert params[key].default == spec["default"], f"baselines.{key}"

@@ -40,7 +40,7 @@ OTSU_CHANNELS = ("gray", "red", "green", "blue", "value")
 CHECKPOINT_KIND = "baseline"
 PREDICT_BATCH = 64
 # the rest of the `baselines` config section, which predict_baseline accepts and ignores
-TRAINING_OPTIONS = ("base_channels", "depth", "steps", "batch_size", "lr", "eval_every", "patience", "seed")
+TRAINING_OPTIONS = ("base_channels", "depth", "steps", "batch_size", "lr", "eval_every", "patience", "seed", "max_minutes")
 
 
 def check_name(name: str) -> str:
@@ -183,11 +183,13 @@ def train_baseline(
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
+    max_minutes: float | None = None,
 ) -> dict:
     """Train the supervised U-Net (name "unet") or Attention U-Net ("attention_unet"); returns the trainer summary.
 
     augment None or {} means PairedAugment's defaults. Otsu has nothing to train (ValueError).
     The resume file is `<checkpoint>.resume.pt`; the final checkpoint keeps the best-val-Dice EMA weights.
+    max_minutes: wall-time budget of the training loop (diffseg.train.Trainer), None = until `steps`.
     """
     if check_name(name) == "otsu":
         raise ValueError("baselines: 'otsu' is training-free; train_baseline accepts only unet and attention_unet")
@@ -201,7 +203,7 @@ def train_baseline(
                 len(train["ids"]), len(val["ids"]))
     config = {"model": model_cfg, "image_size": image_size, "augment": dict(augment or {}),
               "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
-                        "patience": patience, "seed": seed, "precision": precision}}
+                        "patience": patience, "seed": seed, "precision": precision, "max_minutes": max_minutes}}
     sampler = MaskSampler(train["images"], train["masks"], batch_size, PairedAugment(**(augment or {})))
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
@@ -213,8 +215,8 @@ def train_baseline(
         net, lambda model, batch, generator: dice_bce_loss(model(batch[0]), batch[1]), sampler,
         checkpoint=checkpoint, resume_path=resume_path_for(checkpoint), metrics_csv=log_csv, config=config,
         steps=steps, lr=lr, weight_decay=1e-4, seed=seed, precision=precision, device=device,
-        evaluate=val_dice, eval_every=eval_every, patience=patience, kind=CHECKPOINT_KIND, **schedule_for(steps),
-        batch_setting="baselines.batch_size",
+        evaluate=val_dice, eval_every=eval_every, patience=patience, kind=CHECKPOINT_KIND, max_minutes=max_minutes,
+        batch_setting="baselines.batch_size", **schedule_for(steps),
     )
     sampler.to(trainer.device, trainer.memory_format)
     return {**trainer.fit(), "name": name, "image_size": image_size, "parameters": count_parameters(net)}

@@ -26,7 +26,7 @@ MODEL_DEFAULTS = dict(base_channels=64, channel_mult=[1, 2, 2, 3], num_res_block
 DIFFUSION_DEFAULTS = dict(T=1000, beta_start=1e-4, beta_end=0.02)
 TRAIN_DEFAULTS = dict(steps=20000, batch_size=64, lr=2e-4, warmup_steps=500, weight_decay=0.0, ema_decay=0.999,
                       grad_clip=1.0, checkpoint_every=500, log_every=50, seed=0, precision="auto", compile=False,
-                      channels_last=True, device="auto")
+                      channels_last=True, device="auto", max_minutes=None)
 LESION, HEALTHY = 1, 0
 
 

@@ -7,6 +7,10 @@ that is interrupted and resumed from its resume file ends with exactly the weigh
 uninterrupted run. The resume file is not the rule's declared output (Snakemake deletes an
 incomplete job's outputs): it is written every `checkpoint_every` steps and removed once the
 final checkpoint is in place.
+
+A time budget (`max_minutes`) ends training after the step during which it runs out: the final
+checkpoint (EMA weights) and the CSV are written as at the end of a full run, and the resume file
+is kept at that step, so a rerun with a larger budget (or none) continues from there.
 """
 
 from __future__ import annotations
@@ -179,10 +183,14 @@ class Trainer:
         maximize: bool = True,
         kind: str = "ddpm",
         batch_setting: str = "train.batch_size",
+        max_minutes: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if steps < 1 or checkpoint_every < 1 or log_every < 1:
             raise ValueError(f"train: steps, checkpoint_every and log_every must be >= 1, "
                              f"got {steps}, {checkpoint_every}, {log_every}")
+        if max_minutes is not None and not max_minutes > 0:
+            raise ValueError(f"train: max_minutes must be a positive number of minutes or None, got {max_minutes!r}")
         if evaluate is not None and not eval_every:
             raise ValueError("evaluate given without eval_every")
         if Path(resume_path) == Path(checkpoint):
@@ -197,6 +205,7 @@ class Trainer:
         self.checkpoint_every, self.log_every, self.seed = checkpoint_every, log_every, seed
         self.evaluate, self.eval_every, self.patience, self.maximize = evaluate, eval_every, patience, maximize
         self.kind, self.batch_setting = kind, batch_setting  # batch_setting: the config key an OOM error names
+        self.max_minutes, self.clock = max_minutes, clock  # clock: seconds, injectable for tests
         on_cuda_cl = channels_last and self.device.type == "cuda"
         self.memory_format = torch.channels_last if on_cuda_cl else torch.contiguous_format
 
@@ -213,6 +222,7 @@ class Trainer:
         self.best_ema: dict | None = None
         self.evals_since_best = 0
         self.last_saved_step: int | None = None
+        self.stopped_by: str | None = None  # None (all steps), "early_stopping" or "max_minutes"
         logger.info("training on %s (%s), autocast %s, torch %s, compile=%s, channels_last=%s",
                     self.device, self._device_name(), str(self.dtype).replace("torch.", ""), torch.__version__,
                     compile, self.memory_format == torch.channels_last)
@@ -234,6 +244,8 @@ class Trainer:
             "version": __version__,
             "kind": self.kind,
             "best_metric": self.best_metric,
+            "steps_planned": self.steps,
+            "stopped_by": self.stopped_by,
             "trainer_state": {"rows": self.rows, "best_ema": self.best_ema, "evals_since_best": self.evals_since_best},
         }
 
@@ -345,8 +357,16 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
+    def out_of_time(self, start: float) -> bool:
+        """True once `max_minutes` of wall time (self.clock, seconds) have passed since `start`."""
+        return self.max_minutes is not None and self.clock() - start >= 60.0 * self.max_minutes
+
     def fit(self) -> dict:
-        """Train to `steps` (or early stop), write the final checkpoint and CSV, remove the resume file."""
+        """Train to `steps` (or early stop, or the time budget), write the final checkpoint and CSV.
+
+        The resume file is removed at the end, except after a time-budget stop: then it holds the
+        step reached, so a rerun continues.
+        """
         self.resume()
         resumed_from = self.step if self.step else None
         if self.step >= self.steps:
@@ -354,15 +374,16 @@ class Trainer:
         self.model.train()
         losses: list[torch.Tensor] = []
         window_images, window_start, window_first = 0, time.perf_counter(), self.step
-        total_images, t0, stopped_early = 0, time.perf_counter(), False
+        total_images, t0, budget_start = 0, time.perf_counter(), self.clock()
         bar = tqdm(total=self.steps, initial=self.step, mininterval=5, desc=f"train {self.kind}", unit="step")
-        while self.step < self.steps and not stopped_early:
+        while self.step < self.steps and self.stopped_by is None:
             loss, n_images = self.train_step(self.step)
             losses.append(loss)
             window_images += n_images
             self.step += 1
             bar.update(1)
-            if not self.is_boundary(self.step):
+            out_of_time = self.out_of_time(budget_start)
+            if not (out_of_time or self.is_boundary(self.step)):
                 continue
             values = self.check_losses(losses, window_first)
             elapsed = time.perf_counter() - window_start
@@ -371,26 +392,35 @@ class Trainer:
             self.rows.append(row)
             total_images += window_images
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}", refresh=False)
-            if self.evaluate is not None and self.step % self.eval_every == 0:
-                stopped_early = self.run_evaluation()
-            if self.step % self.checkpoint_every == 0 and self.step < self.steps and not stopped_early:
+            if self.evaluate is not None and self.step % self.eval_every == 0 and self.run_evaluation():
+                self.stopped_by = "early_stopping"
+            if out_of_time and self.stopped_by is None and self.step < self.steps:
+                self.stopped_by = "max_minutes"
+            if self.step < self.steps and (self.stopped_by == "max_minutes" or
+                                           (self.stopped_by is None and self.step % self.checkpoint_every == 0)):
                 self.save_resume()
             losses, window_images, window_start, window_first = [], 0, time.perf_counter(), self.step
         bar.close()
-        if stopped_early:
+        if self.stopped_by == "early_stopping":
             logger.info("early stop at step %d: no improvement in %d evaluations", self.step, self.patience)
-        return self.finish(resumed_from, stopped_early, total_images / max(time.perf_counter() - t0, 1e-9))
+        if self.stopped_by == "max_minutes":
+            logger.info("time budget of %g min reached: training stopped at step %d of %d; the final checkpoint "
+                        "holds the EMA weights of step %d, and %s is kept so a rerun with a larger budget continues",
+                        self.max_minutes, self.step, self.steps, self.step, self.resume_path)
+        return self.finish(resumed_from, total_images / max(time.perf_counter() - t0, 1e-9))
 
-    def finish(self, resumed_from: int | None, stopped_early: bool, images_per_s: float) -> dict:
+    def finish(self, resumed_from: int | None, images_per_s: float) -> dict:
         self.check_weights_finite()
         save_checkpoint(self.checkpoint, self.state(final=True))
         write_metrics_csv(self.metrics_csv, self.rows)
-        self.resume_path.unlink(missing_ok=True)
+        if self.stopped_by != "max_minutes":
+            self.resume_path.unlink(missing_ok=True)
         summary = {
-            "kind": self.kind, "steps": self.step, "final_loss": self.rows[-1]["loss"] if self.rows else None,
-            "best_metric": self.best_metric, "stopped_early": stopped_early, "resumed_from": resumed_from,
-            "images_per_s": images_per_s, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "checkpoint": str(self.checkpoint),
+            "kind": self.kind, "steps": self.step, "steps_planned": self.steps,
+            "final_loss": self.rows[-1]["loss"] if self.rows else None, "best_metric": self.best_metric,
+            "stopped_early": self.stopped_by == "early_stopping", "stopped_by": self.stopped_by,
+            "resumed_from": resumed_from, "images_per_s": images_per_s, "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""), "checkpoint": str(self.checkpoint),
         }
         logger.info("training done: %s", summary)
         return summary
