@@ -11,6 +11,7 @@ One untimed warm-up batch comes first (it also triggers torch.compile).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--json", help="also write the settings and figures to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -94,6 +96,13 @@ def main() -> None:
           f"({passes * args.batch_images} passes), {passes} passes/image")
     print(f"{args.n_images} images in {seconds:.2f} s: {args.n_images / seconds:.2f} images/s, "
           f"{args.n_images * passes / seconds:.1f} forward passes/s (incl. HDF5 write)")
+    if args.json:
+        result = {"device": name, "torch": torch.__version__, "autocast": str(autocast_dtype or "fp32"),
+                  "compile": args.compile, "params": n_params, "resolution": size, "batch_images": args.batch_images,
+                  "timesteps": args.timesteps, "noise_draws": args.noise_draws, "passes_per_image": passes,
+                  "n_images": args.n_images, "seconds": seconds, "images_per_s": args.n_images / seconds,
+                  "forward_passes_per_s": args.n_images * passes / seconds}
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
