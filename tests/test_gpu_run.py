@@ -87,7 +87,7 @@ def test_dry_mode_runs_every_step_and_writes_the_eight_files(tmp_path):
     record = json.loads((out / "gpu_run.json").read_text())
     assert record["mode"].startswith("dry") and record["skipped"] == {}
     assert [s["rc"] for s in record["steps"].values()] == [0, 0, 0, 0]
-    assert list(record["steps"]) == ["train_ddpm", "default", "infer_bench", "paper"]
+    assert list(record["steps"]) == ["train_ddpm", "default", "paper", "infer_bench"]
     rules = record["steps"]["default"]["rules_s"]
     assert {"train_ddpm", "train_baseline/unet", "noise_difference/test_shard-0", "evaluate"} <= set(rules)
     training = record["training"]

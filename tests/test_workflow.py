@@ -156,3 +156,40 @@ def test_quick_benchmark_and_each_ablation_row_plan_the_full_chain(tmp_path, ove
     jobs = planned_jobs(run.stdout)
     for rule in ["prepare_dataset", "train_ddpm", "noise_difference", "calibrate", "crf_fusion", "evaluate"]:
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
+
+
+@pytest.mark.skipif(not ISIC_256.is_dir(), reason="shared ISIC data absent")
+@pytest.mark.parametrize("paper", [False, True])
+def test_gpu_config_and_its_paper_overlay_plan_the_chain(tmp_path, paper):
+    """config/isic2018_gpu.yaml (bench/gpu_run.py's run) validates; one U-Net, the 4-minute DDPM budget."""
+    wf = workflow_copy(tmp_path)
+    (wf / "data.yaml").write_text(yaml.safe_dump({"data_dir": str(ISIC_256)}))
+    files = ["config/config.yaml", "config/isic2018.yaml", "config/isic2018_gpu.yaml", "data.yaml"]
+    files += ["config/ablation/paper.yaml"] if paper else []
+    run = snakemake(wf, "-n", "--printshellcmds", configfiles=tuple(files))
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = planned_jobs(run.stdout)
+    assert jobs["train_baseline"] == 1 and jobs["predict_baseline"] == 2 and jobs["noise_difference"] == 2
+    assert all(jobs.get(rule, 0) >= 1 for rule in CHAIN)
+
+
+@pytest.mark.slow
+def test_time_budget_stop_then_a_larger_budget_reruns_and_resumes(tmp_path):
+    """train.max_minutes through Snakemake: the budget ends training; raising it reruns the rule, which resumes."""
+    import torch
+
+    train = {"steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2}
+    wf = workflow_copy(tmp_path, {"train": {**train, "max_minutes": 1e-9}})  # spent by the first step
+    target = "results/models/ddpm.pt"
+    first = snakemake(wf, target)
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = (wf / "results/logs/train_ddpm.log").read_text()
+    assert "training stopped at step 1 of 6" in log
+    assert torch.load(wf / target, weights_only=True)["step"] == 1
+    (wf / "larger.yaml").write_text(yaml.safe_dump({"train": {**train, "max_minutes": 30}}))
+    second = snakemake(wf, target, configfiles=("test.yaml", "larger.yaml"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in (wf / "results/logs/train_ddpm.log").read_text()
+    final = torch.load(wf / target, weights_only=True)
+    assert final["step"] == 6 and final["stopped_by"] is None
+    assert not (wf / "results/models/ddpm.pt.resume.pt").exists()
