@@ -308,6 +308,31 @@ def inference_logs(R: Path) -> dict:
     return found
 
 
+def table_dice(table_md: Path) -> dict[str, float]:
+    """{method: Dice} from the first table of a metrics table.md whose header names 'method' and 'Dice'."""
+    lines = table_md.read_text().splitlines() if table_md.is_file() else []
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:1] == ["method"] and "Dice" in cells:
+            col, found = cells.index("Dice"), {}
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                values = [c.strip() for c in row.strip().strip("|").split("|")]
+                if re.fullmatch(r"[\d.]+", values[col]):
+                    found[values[0]] = float(values[col])
+            return found
+    return {}
+
+
+def compare_with_unet(dice: dict[str, float]) -> dict:
+    diffseg = {m: d for m, d in dice.items() if m.startswith("DiffSeg")}
+    unet = dice.get("U-Net (supervised)")
+    best = max(diffseg, key=diffseg.get) if diffseg else None
+    return {"best_diffseg_row": best, "best_diffseg_dice": diffseg.get(best), "unet_dice": unet,
+            "diffseg_reached_unet": None if best is None or unet is None else diffseg[best] >= unet}
+
+
 def copy_out(run: Run, files: dict[str, Path]) -> None:
     for name, src in files.items():
         if src.is_file():
@@ -392,6 +417,7 @@ def main() -> int:
         **TARGETS,
         "train_reached": (training.get("steady_images_per_s") or 0) >= TARGETS["train_images_per_s"],
         "infer_reached": (bench.get("images_per_s") or 0) >= TARGETS["infer_images_per_s"],
+        **compare_with_unet(table_dice(out / "table.md")),
     }
     run.record["finished_utc"] = utc_now()
     run.save()
