@@ -42,11 +42,36 @@ def check_config(cfg):
         if split not in cfg["inference"]["splits"]:
             _fail("inference.splits", cfg["inference"]["splits"],
                   f"a list that includes '{split}' (needed for calibration and the table)")
+    check_predict(cfg["predict"], cfg)
+
+
+def check_predict(predict, cfg):
+    """The prediction folder must exist; a given bundle must exist and match the config's model settings."""
+    if predict["images"] is not None and not os.path.isdir(predict["images"]):
+        _fail("predict.images", predict["images"], "an existing folder of JPEG/PNG/BMP images, or null")
+    if predict["bundle"] is not None:
+        if not os.path.isfile(predict["bundle"]):
+            _fail("predict.bundle", predict["bundle"], "an existing model bundle file (rule export_bundle "
+                  "writes one: results_dir/models/diffseg_bundle.zip), or null for this results_dir's own")
+        from diffseg.bundle import check_settings, read_manifest  # torch-free: reads the manifest only
+
+        check_settings(predict["bundle"], read_manifest(predict["bundle"])["settings"], cfg)
 
 
 check_config(config)
 
 R = config["results_dir"]
+PREDICT = "predict"  # the split name of images without masks (diffseg.data.PREDICT)
+P = f"{R}/predict"
+PREDICT_IMAGES = f"{P}/images.h5"
+BUNDLE = f"{R}/models/diffseg_bundle.zip"
+PREDICT_BUNDLE = config["predict"]["bundle"] or BUNDLE
+PREDICT_MODEL = {"checkpoint": f"{P}/model/ddpm.pt", "calibration": f"{P}/model/calibration.h5",
+                 "manifest": f"{P}/model/manifest.json"}
+# Model artefacts that other rules save beside the calibration register here (bundle member name ->
+# path, names from diffseg.bundle.OPTIONAL_MEMBERS); rule export_bundle then waits for them and packs them.
+BUNDLE_OPTIONAL = {}
+DATA_NOTE = "synthetic demo data" if config["data_dir"] is None else ""
 SHARDS = config["shards"]
 ENV = "../envs/diffseg.yaml"
 CALIBRATION = f"{R}/calibration/calibration.h5"
@@ -63,7 +88,7 @@ GPU_RESOURCES = {
 
 
 wildcard_constraints:
-    split="train|val|test",
+    split="train|val|test|predict",
     shard=r"\d+",
     baseline="|".join(["otsu", "unet", "attention_unet"]),
 
@@ -91,6 +116,20 @@ def without(section, *keys):
     return {k: v for k, v in config[section].items() if k not in keys}
 
 
+def split_dataset(wildcards):
+    """The images of a split: the prepared dataset, or the images to predict on (no masks)."""
+    return PREDICT_IMAGES if wildcards.split == PREDICT else f"{R}/data/dataset.h5"
+
+
+def split_checkpoint(wildcards):
+    """The DDPM of a split: this run's, or for prediction the one unpacked from the model bundle."""
+    return PREDICT_MODEL["checkpoint"] if wildcards.split == PREDICT else f"{R}/models/ddpm.pt"
+
+
+def split_calibration(wildcards):
+    return PREDICT_MODEL["calibration"] if wildcards.split == PREDICT else CALIBRATION
+
+
 def baseline_checkpoint(wildcards):
     """Otsu is training-free: it has no checkpoint."""
     if wildcards.baseline == "otsu":
@@ -98,12 +137,19 @@ def baseline_checkpoint(wildcards):
     return f"{R}/models/baseline_{wildcards.baseline}.pt"
 
 
+PREDICT_OUTPUTS = [f"{P}/masks", f"{P}/maps", f"{P}/review_queue.csv", f"{P}/contact_sheet.png"]
+
+
 def final_targets():
+    """With predict.images set: the predictions only (the bundle's training runs only if it is this run's)."""
+    if config["predict"]["images"] is not None:
+        return PREDICT_OUTPUTS
     return [
         f"{R}/metrics/table.md",
         f"{R}/metrics/{EVAL_SPLIT}.csv",
         f"{R}/figures/summary.png",
         f"{R}/crf/{EVAL_SPLIT}_png",
+        BUNDLE,
     ]
 
 
@@ -115,3 +161,6 @@ localrules:
     gather_crf,
     export_masks,
     evaluate,
+    export_bundle,
+    unpack_bundle,
+    predict_outputs,

@@ -1,12 +1,13 @@
 rule crf_fusion:
     input:
-        h5=f"{R}/data/dataset.h5",
+        h5=split_dataset,
         inference=shard_file("inference", "{split}", "{shard}"),
-        calibration=CALIBRATION,
+        calibration=split_calibration,
     output:
         shard_file("crf", "{split}", "{shard}"),
     params:
         cfg=config["crf"],
+        paper_rows=lambda wildcards: wildcards.split != PREDICT,  # the table's faithful rows; no table here
     log:
         f"{R}/logs/crf_fusion/{{split}}_shard-{{shard}}.log",
     benchmark:

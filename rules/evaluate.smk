@@ -45,8 +45,15 @@ rule figures:
             category="Figures",
             caption="../report/cases.rst",
         ),
+        method=report(
+            directory(f"{R}/figures/method"),
+            patterns=["{name}.png"],
+            category="Figures",
+            caption="../report/method.rst",
+        ),
     params:
         cfg=config["figures"],
+        note=DATA_NOTE,
         inference=without("inference", "splits"),
         split=EVAL_SPLIT,
     log:

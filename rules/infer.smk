@@ -1,7 +1,7 @@
 rule noise_difference:
     input:
-        h5=f"{R}/data/dataset.h5",
-        checkpoint=f"{R}/models/ddpm.pt",
+        h5=split_dataset,
+        checkpoint=split_checkpoint,
     output:
         shard_file("inference", "{split}", "{shard}"),
     params:

@@ -1,7 +1,7 @@
 rule uncertainty:
     input:
         inference=shard_file("inference", "{split}", "{shard}"),
-        calibration=CALIBRATION,
+        calibration=split_calibration,
     output:
         h5=shard_file("uncertainty", "{split}", "{shard}"),
         csv=shard_file("uncertainty", "{split}", "{shard}", ext="csv"),

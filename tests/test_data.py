@@ -289,3 +289,51 @@ def test_limit_and_preview_disabled(tmp_path):
     assert summary["counts"] == {"train": 2, "val": 2}
     assert load_split(out / "dataset.h5", "val")["ids"] == ["ISIC_0000005", "ISIC_0000006"]
     assert (out / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- images without masks
+
+
+def write_unlabelled(folder: Path, sizes=((40, 48), (30, 30), (25, 61))) -> Path:
+    """One JPEG, one PNG and one BMP of different sizes (height, width), no masks anywhere."""
+    folder.mkdir(parents=True)
+    for k, ((height, width), ext) in enumerate(zip(sizes, ("jpg", "png", "bmp"))):
+        Image.fromarray(lesion_pair(k, height, width)[0]).save(folder / f"NEW_{k}.{ext}")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def test_prepare_images_keeps_every_image_with_its_original_size_and_no_mask(tmp_path):
+    from diffseg.data import PREDICT, prepare_images
+
+    folder = write_unlabelled(tmp_path / "new")
+    summary = prepare_images(folder, tmp_path / "images.h5", resolution=16)
+    assert summary == {"n_images": 3, "skipped": []}
+    group = load_split(tmp_path / "images.h5", PREDICT, require_masks=False)
+    assert group["ids"] == ["NEW_0", "NEW_1", "NEW_2"]
+    assert group["images"].shape == (3, 16, 16, 3) and group["images"].dtype == np.uint8
+    assert group["orig_size"].tolist() == [[40, 48], [30, 30], [25, 61]]
+    assert "masks" not in group
+    with pytest.raises(InputError, match="lacks dataset\\(s\\) \\['masks'\\]"):
+        load_split(tmp_path / "images.h5", PREDICT)  # training code still insists on masks
+
+
+def test_prepare_images_names_a_bad_file_or_skips_it(tmp_path):
+    from diffseg.data import PREDICT, prepare_images
+
+    folder = write_unlabelled(tmp_path / "new")
+    (folder / "NEW_9.jpg").write_bytes((folder / "NEW_0.jpg").read_bytes()[:200])  # truncated
+    with pytest.raises(InputError, match="NEW_9.jpg: unreadable or truncated image"):
+        prepare_images(folder, tmp_path / "images.h5", resolution=16)
+    assert not (tmp_path / "images.h5").exists()
+    summary = prepare_images(folder, tmp_path / "images.h5", resolution=16, on_bad_file="skip")
+    assert summary["n_images"] == 3 and summary["skipped"][0][0].endswith("NEW_9.jpg")
+    assert "NEW_9" not in load_split(tmp_path / "images.h5", PREDICT, require_masks=False)["ids"]
+
+
+def test_prepare_images_refuses_an_empty_folder(tmp_path):
+    from diffseg.data import prepare_images
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: no images found"):
+        prepare_images(tmp_path / "empty", tmp_path / "images.h5", resolution=16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -12,7 +14,8 @@ from PIL import Image
 import diffseg
 from diffseg.ddpm import build_model
 from diffseg.evaluate import FINAL_METHOD
-from diffseg.figures import CASE_SIZE_IN, SUMMARY_SIZE_IN, pick_cases, predict_noise_pair, run_figures
+from diffseg.figures import (CASE_SIZE_IN, METHOD_SIZE_IN, SUMMARY_SIZE_IN, percentile_of, pick_cases,
+                             predict_noise_pair, run_figures, score_caption)
 from diffseg.imageio import InputError
 from diffseg.inference import draw_noise, noise_difference
 from diffseg.runtime import to_model_range
@@ -86,7 +89,7 @@ def inputs(tmp_path):
 def figures(paths, tmp_path, **kwargs):
     return run_figures(paths["dataset"], paths["checkpoint"], paths["inference"], paths["unc"], paths["crf"],
                        paths["csv"], tmp_path / "figures" / "summary.png", tmp_path / "figures" / "cases",
-                       split="test", inference=INFERENCE, dpi=DPI, **kwargs)
+                       tmp_path / "figures" / "method", split="test", inference=INFERENCE, dpi=DPI, **kwargs)
 
 
 def png_size(path):
@@ -107,6 +110,10 @@ def test_default_cases_are_best_median_worst(inputs, tmp_path):
     assert written["cases"] == [str(cases / f"{i}.png") for i in ("ISIC_0000001", "ISIC_0000003", "ISIC_0000002")]
     for path in cases.iterdir():
         assert png_size(path) == inches_to_px(CASE_SIZE_IN)
+    assert written["method"] == [str(tmp_path / "figures" / "method" / f"{i}.png")
+                                 for i in ("ISIC_0000001", "ISIC_0000003", "ISIC_0000002")]
+    for path in written["method"]:
+        assert png_size(Path(path)) == inches_to_px(METHOD_SIZE_IN)
     assert png_size(tmp_path / "figures" / "summary.png") == inches_to_px(SUMMARY_SIZE_IN)
 
 
@@ -139,3 +146,33 @@ def test_noise_panels_reproduce_the_inference_difference(tmp_path):
     figure_diff = np.abs(eps[0] - eps[1]).mean(axis=0)
     assert figure_diff.max() > 1e-3  # the labels really change the prediction
     np.testing.assert_allclose(figure_diff, expected[0, 0].numpy(), atol=1e-5)
+
+
+def test_percentile_counts_the_case_among_the_evaluated_set():
+    population = [0.1, 0.2, 0.3, 0.4]
+    assert percentile_of(0.3, population) == 75.0
+    assert percentile_of(0.05, population) == 0.0
+    assert percentile_of(0.3, [0.3, float("nan")]) == 100.0  # images without a score are left out
+    assert score_caption("GED", 0.27, np.r_[np.linspace(0, 0.26, 63), np.linspace(0.28, 1, 37)]) == \
+        "GED 0.270, 63rd percentile of 100 images"
+
+
+def test_case_page_says_synthetic_demo_data_and_draws_no_equation_numbers(inputs, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    texts = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, *args, **kwargs):
+        texts.append([t.get_text() for t in fig.findobj(matplotlib.text.Text)])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    figures(inputs, tmp_path, ids=["ISIC_0000004"], note="synthetic demo data")
+    summary, case, method = texts
+    for page in texts:
+        assert "synthetic demo data" in page
+        assert not any("eq." in t or "eqs." in t for t in page), page
+    # the GED panel: value and percentile among the 4 evaluated images (uncertainty GED 0.4 is the largest)
+    assert "GED 0.400, 100th percentile of 4 images" in case
+    assert any("fraction of outputs" in t for t in case)  # the consistency scale is labelled

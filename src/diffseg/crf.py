@@ -179,12 +179,12 @@ def _run_jobs(task, jobs: list[tuple], threads: int):
 
 def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_h5: str | os.PathLike,
             settings: CRFSettings = DEFAULT, *, split: str = "test", threads: int = 1,
-            calibration_h5: str | os.PathLike | None = None) -> dict:
+            calibration_h5: str | os.PathLike | None = None, paper_rows: bool = True) -> dict:
     """CRF fusion of every image in inference.h5; writes crf/{split}.h5 (PNG masks: diffseg.export).
 
     The CRF's lesion probabilities come from the calibration in ``calibration_h5`` (None = the paper's
     identity: the normalised maps). With a non-paper calibration the paper-faithful fusion is written
-    too, as ``paper_fused``/``paper_rounds``.
+    too, as ``paper_fused``/``paper_rounds``, unless ``paper_rows`` is False (prediction: no table).
     """
     if threads < 1:
         raise ValueError(f"crf.threads = {threads} must be at least 1")
@@ -192,7 +192,7 @@ def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_
     _check_subset(settings.subset_size, n_maps)
     rows = _dataset_rows(dataset_h5, split, ids, res, inference_h5)
     cal = load_calibration(calibration_h5) if calibration_h5 is not None else PAPER
-    calibrations = (cal,) if cal.is_paper else (cal, PAPER)
+    calibrations = (cal,) if cal.is_paper or not paper_rows else (cal, PAPER)
     task = partial(_fuse_chunk, dataset_h5=str(dataset_h5), inference_h5=str(inference_h5), split=split,
                    settings=settings, calibrations=calibrations)
     fused = np.empty((len(calibrations), n, res, res), np.uint8)

@@ -30,6 +30,7 @@ from diffseg.seeding import image_seed
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+PREDICT = "predict"  # the group of images without masks (prepare_images), a split for the per-image stages
 OFFICIAL = {"train": "Training", "val": "Validation", "test": "Test"}
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
@@ -77,7 +78,7 @@ def truth_mask_files(data_dir: str | os.PathLike, ids: list[str]) -> dict[str, P
     return {image_id: masks[image_id] for image_id in ids}
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
+def image_files(folder: Path) -> dict[str, Path]:
     """Image files of a folder by stem; other files (LICENSE.txt, ATTRIBUTION.txt) are ignored."""
     files = {}
     for path in sorted(folder.iterdir()):
@@ -92,11 +93,11 @@ def _match_pairs(image_dir: Path, mask_dir: Path) -> list[Pair]:
     """Pair every image with ``<id>_segmentation.<ext>`` or ``<id>.<ext>`` in ``mask_dir``."""
     if not mask_dir.is_dir():
         raise InputError(mask_dir, f"mask folder not found (needed for the images in {image_dir})")
-    images = _image_files(image_dir)
+    images = image_files(image_dir)
     if not images:
         raise InputError(image_dir, f"no images found (expected {', '.join(IMAGE_SUFFIXES)} files)")
     masks = {}
-    for stem, path in _image_files(mask_dir).items():
+    for stem, path in image_files(mask_dir).items():
         image_id = stem[: -len("_segmentation")] if stem.endswith("_segmentation") else stem
         if image_id in masks:
             raise InputError(path, f"second mask for image id {image_id!r} ({masks[image_id].name})")
@@ -148,9 +149,15 @@ def _write_split_csv(path: str | os.PathLike, assignment: dict[str, list[str]]) 
 # ----------------------------------------------------------------------------- per-file work
 
 
-def load_pair(image_path: Path, mask_path: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Read and validate one pair, resize to ``resolution``; (image uint8, mask bool, orig (H, W))."""
+def load_pair(image_path: Path, mask_path: Path | None, resolution: int) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                  tuple[int, int]]:
+    """Read and validate one pair, resize to ``resolution``; (image uint8, mask bool, orig (H, W)).
+
+    ``mask_path`` None: an image to predict on, without a mask (the mask returned is None).
+    """
     image = read_rgb(image_path)
+    if mask_path is None:
+        return resize_image(image, resolution), None, image.shape[:2]
     mask = read_mask(mask_path)
     if mask.shape != image.shape[:2]:
         raise InputError(
@@ -285,6 +292,34 @@ def prepare_dataset(
     return summary
 
 
+def prepare_images(image_dir: str | os.PathLike, out_h5: str | os.PathLike, *, resolution: int = 128,
+                   on_bad_file: str = "error", threads: int = 1, split: str = PREDICT) -> dict:
+    """Images WITHOUT masks (a folder of JPEG/PNG/BMP, any size) -> one ``split`` group of the dataset layout.
+
+    Each file is read and validated as a training image is (diffseg.imageio), resized to
+    ``resolution`` with the same filter, and stored with its original size; there is no ``masks``
+    dataset. ``on_bad_file`` as in prepare_dataset. Returns a summary (count, skipped files).
+    """
+    _check_options(resolution, 0, METHODS[0], on_bad_file, threads, None)
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise InputError(image_dir, "image folder not found")
+    files = image_files(image_dir)
+    if not files:
+        raise InputError(image_dir, f"no images found (expected {', '.join(IMAGE_SUFFIXES)} files)")
+    loaded, skipped = _load_all([(i, p, None) for i, p in files.items()], resolution, on_bad_file, threads)
+    if not loaded:
+        raise InputError(image_dir, f"no valid image left ({len(skipped)} skipped)")
+    group = {"ids": [r[0] for r in loaded], "images": np.stack([r[1] for r in loaded]),
+             "orig_size": np.array([r[3] for r in loaded], dtype=np.int32)}
+    attrs = {"source": str(image_dir.resolve()), "resolution": resolution, "diffseg_version": diffseg.__version__,
+             "skipped": json.dumps(skipped)}
+    _write_h5(out_h5, {split: group}, attrs)
+    logger.info("%d images of %s ready for prediction in %s, %d skipped", len(loaded), image_dir, out_h5,
+                len(skipped))
+    return {"n_images": len(loaded), "skipped": skipped}
+
+
 def _check_options(
     resolution: int, dilate_px: int, inpaint: str, on_bad_file: str, threads: int, limit: int | None
 ) -> None:
@@ -370,7 +405,8 @@ def _write_h5(out_h5: str | os.PathLike, groups: dict[str, dict], attrs: dict) -
             write_ids(g, group["ids"])
             g.create_dataset("orig_size", data=group["orig_size"].astype(np.int32))
             _image_dataset(g, "images", group["images"])
-            _image_dataset(g, "masks", group["masks"].astype(np.uint8))
+            if "masks" in group:  # images to predict on have none
+                _image_dataset(g, "masks", group["masks"].astype(np.uint8))
             if "healthy" in group:
                 _image_dataset(g, "healthy", group["healthy"])
                 g.create_dataset("has_healthy", data=group["has_healthy"].astype(bool))
@@ -424,9 +460,10 @@ def _save_figure(fig, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- reading back
 
 
-def load_split(h5_path: str | os.PathLike, split: str) -> dict:
+def load_split(h5_path: str | os.PathLike, split: str, require_masks: bool = True) -> dict:
     """One split of ``dataset.h5``: ids, images (N,R,R,3) uint8, masks (N,R,R) bool, orig_size (N,2),
-    and healthy / has_healthy when present."""
+    and healthy / has_healthy when present. ``require_masks=False`` also reads a split without masks
+    (images to predict on; no ``masks`` key then)."""
     path = Path(h5_path)
     if not path.is_file():
         raise InputError(path, "dataset file not found")
@@ -438,15 +475,17 @@ def load_split(h5_path: str | os.PathLike, split: str) -> dict:
         if split not in h5:
             raise InputError(path, f"no group {split!r} in the dataset file (groups: {sorted(h5.keys())})")
         group = h5[split]
-        missing = [k for k in ("ids", "images", "masks", "orig_size") if k not in group]
+        required = ("ids", "images", "orig_size", *(("masks",) if require_masks else ()))
+        missing = [k for k in required if k not in group]
         if missing:
             raise InputError(path, f"group {split!r} lacks dataset(s) {missing}: not a diffseg dataset file")
         out = {
             "ids": decode_ids(group["ids"]),
             "images": group["images"][()],
-            "masks": group["masks"][()].astype(bool),
             "orig_size": group["orig_size"][()],
         }
+        if "masks" in group:
+            out["masks"] = group["masks"][()].astype(bool)
         if "healthy" in group:
             out["healthy"] = group["healthy"][()]
             out["has_healthy"] = group["has_healthy"][()].astype(bool)

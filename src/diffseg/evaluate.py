@@ -25,7 +25,7 @@ from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import METRICS, PNG_SUFFIX, aggregate, mask_metrics, score_png_pairs
 from diffseg.postprocess import binary_outputs, needs_maps
-from diffseg.uncertainty import consistency, ged_kohl, ged_paper
+from diffseg.uncertainty import consistency, ged_kohl, ged_paper, mask_free_scores
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ def _uncertainty_columns(ids, binary, truth, ged, cons, rounds) -> pd.DataFrame:
     return pd.DataFrame({
         "ged_paper": np.asarray(ged, float),
         "ged_kohl": [ged_kohl(binary[i], truth[i]) for i in range(len(ids))],
-        "ambiguity_area": ((cons > 0) & (cons < 1)).mean(axis=(1, 2)),
-        "crf_disagreement": (rounds.min(axis=1) != rounds.max(axis=1)).mean(axis=(1, 2)),
+        **mask_free_scores(cons, rounds),
     })
 
 

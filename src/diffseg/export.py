@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from diffseg.h5io import match_rows, read_h5
-from diffseg.imageio import InputError, write_mask_png
+from diffseg.imageio import InputError, resize_float, write_mask_png
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +25,7 @@ def write_original_size_pngs(ids, masks: np.ndarray, orig_sizes: np.ndarray, png
         raise ValueError(f"write_original_size_pngs: {len(ids)} ids, {len(masks)} masks and "
                          f"{len(orig_sizes)} sizes must match")
     for image_id, mask, (height, width) in zip(ids, masks, orig_sizes):
-        frac = np.asarray(mask, np.float32)
-        if frac.shape != (height, width):
-            frac = np.asarray(Image.fromarray(frac).resize((int(width), int(height)), Image.Resampling.BILINEAR))
+        frac = resize_float(mask, height, width)
         write_mask_png(Path(png_dir) / f"{image_id}_segmentation.png", frac >= threshold)
 
 

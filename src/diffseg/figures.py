@@ -1,4 +1,9 @@
-"""Figures for clinicians: a summary plot and one page per chosen image (paper Figs. 3-6).
+"""Figures: a summary plot, a clinician's page per chosen image, a method page per image, a contact sheet.
+
+The clinician's page holds what a reader needs to judge one mask: the image, the final mask over it
+(large), the consistency map with its scale, and the case's GED (and risk, when there is one) placed
+in the distribution of the evaluated set. The method page (noise predictions, per-timestep outputs,
+ambiguity; paper Figs. 3-6) is for readers of the method.
 
 Uses matplotlib's object API on the Agg canvas (no pyplot state), so it runs headless and never
 changes the caller's backend.
@@ -17,6 +22,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter
 
 from diffseg.atomic import atomic_path
 from diffseg.calibration import load_calibration
@@ -32,7 +38,10 @@ from diffseg.schedule import Schedule
 logger = logging.getLogger(__name__)
 
 SUMMARY_SIZE_IN = (10.0, 4.0)
-CASE_SIZE_IN = (12.0, 9.0)
+CASE_SIZE_IN = (12.0, 6.5)
+METHOD_SIZE_IN = (12.0, 9.0)
+SHEET_TILE_IN = 2.0  # contact sheet: inches per thumbnail
+SHEET_THUMB_PX = 256  # longest side of a contact-sheet thumbnail
 FINAL_COLOUR, TRUTH_COLOUR = "lime", "yellow"
 
 
@@ -125,12 +134,12 @@ def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> None:
         fig.savefig(tmp, format="png", dpi=dpi)
 
 
-def _panel(ax, array, title: str, colorbar: bool = False, **imshow_kwargs) -> None:
+def _panel(ax, array, title: str, fontsize: float = 8, **imshow_kwargs):
+    """An image panel without axes; returns the image (for a colour scale)."""
     im = ax.imshow(array, **imshow_kwargs)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=fontsize)
     ax.set_axis_off()
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    return im
 
 
 def _noise_rgb(eps: np.ndarray, scale: float) -> np.ndarray:
@@ -143,9 +152,10 @@ def _outline(ax, mask: np.ndarray, colour: str) -> None:
         ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
 
 
-def draw_summary(final: pd.DataFrame, summary_png, *, fail_dice: float, dpi: int) -> None:
+def draw_summary(final: pd.DataFrame, summary_png, *, fail_dice: float, dpi: int, note: str = "") -> None:
     """Histogram of final Dice, and paper GED vs Dice with the failure line."""
     fig = _figure(SUMMARY_SIZE_IN)
+    _note(fig, note)
     hist_ax, scatter_ax = fig.subplots(1, 2)
     hist_ax.hist(final["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
     hist_ax.axvline(fail_dice, color="tab:red", linestyle="--", label=f"Dice = {fail_dice:g}")
@@ -153,53 +163,169 @@ def draw_summary(final: pd.DataFrame, summary_png, *, fail_dice: float, dpi: int
     hist_ax.legend(fontsize=8)
     scatter_ax.scatter(final["ged_paper"], final["dice"], s=12, color="tab:blue")
     scatter_ax.axhline(fail_dice, color="tab:red", linestyle="--", label=f"failure: Dice < {fail_dice:g}")
-    scatter_ax.set(xlabel="GED (paper, eqs. 5-7)", ylabel="Dice", ylim=(-0.02, 1.02),
+    scatter_ax.set(xlabel="GED (disagreement between the outputs)", ylabel="Dice", ylim=(-0.02, 1.02),
                    title="Does uncertainty flag the failures?")
     scatter_ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95 if note else 1))
     _save(fig, summary_png, dpi)
 
 
-def _model_row(fig, grid, image, eps_pair, binary_mid, t_mid: int) -> None:
+def _note(fig: Figure, note: str, top: bool = True) -> None:
+    """A line in the top-right (or bottom-left) corner saying where the data come from (e.g. synthetic demo data)."""
+    if note:
+        x, y, ha, va = (0.99, 0.99, "right", "top") if top else (0.01, 0.01, "left", "bottom")
+        fig.text(x, y, note, ha=ha, va=va, fontsize=10, color="tab:red", fontweight="bold")
+
+
+def _colourbar(ax, image, label: str) -> None:
+    """A colour scale beside the panel whose label stays inside the figure (saved without cropping)."""
+    bar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03, format=FormatStrFormatter("%.2g"))
+    bar.set_label(label, fontsize=8)  # no offset text ('1e-5') above the bar, where it hits the title
+    bar.ax.tick_params(labelsize=7)
+
+
+def percentile_of(value: float, population: Sequence[float]) -> float:
+    """Percent of the population at or below value (0-100); the case itself counts when it belongs to it."""
+    population = np.asarray(population, float)
+    population = population[np.isfinite(population)]
+    if population.size == 0:
+        raise ValueError("percentile_of: empty population")
+    return float(100.0 * np.mean(population <= value))
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def score_caption(name: str, value: float, population: Sequence[float]) -> str:
+    """'GED 0.270, 64th percentile of 120 images' (higher = more doubtful)."""
+    pct = percentile_of(value, population)
+    return f"{name} {value:.3f}, {_ordinal(int(round(pct)))} percentile of {np.isfinite(population).sum()} images"
+
+
+def _score_panel(ax, name: str, value: float, population: Sequence[float], split: str) -> None:
+    """Histogram of the evaluated set's scores with this case marked and its percentile written out."""
+    population = np.asarray(population, float)
+    ax.hist(population[np.isfinite(population)], bins=20, color="0.75", edgecolor="white")
+    ax.axvline(value, color="tab:red", linewidth=2)
+    ax.set_title(score_caption(name, value, population), fontsize=9)
+    ax.set_xlabel(f"{name} of the {split} images (higher = outputs disagree more: review)", fontsize=8)
+    ax.set_ylabel("images", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def draw_case(case: dict, population: dict[str, np.ndarray], out_png, *, split: str, dpi: int,
+              note: str = "") -> float:
+    """The clinician's page of one image: image, final mask over it (large), consistency with its scale,
+    and the case's GED (and risk when ``case`` has one) within the evaluated set. Returns the Dice."""
+    dice = mask_metrics(case["fused"], case["truth"])["dice"]
+    fig = _figure(CASE_SIZE_IN)
+    grid = fig.add_gridspec(2, 3, width_ratios=[2.0, 1.0, 1.25], left=0.02, right=0.95, top=0.88, bottom=0.1,
+                            wspace=0.25, hspace=0.45)
+    big = fig.add_subplot(grid[:, 0])
+    _panel(big, case["image"], "final mask (green) and ground truth (yellow)", fontsize=11)
+    _outline(big, case["fused"], FINAL_COLOUR)
+    _outline(big, case["truth"], TRUTH_COLOUR)
+    big.legend(handles=[Line2D([], [], color=FINAL_COLOUR, label="final mask"),
+                        Line2D([], [], color=TRUTH_COLOUR, label="ground truth")], fontsize=8, loc="lower right")
+    _panel(fig.add_subplot(grid[0, 1]), case["image"], "image")
+    cons_ax = fig.add_subplot(grid[0, 2])
+    im = _panel(cons_ax, case["consistency"], "consistency", fontsize=9, cmap="viridis", vmin=0, vmax=1)
+    _colourbar(cons_ax, im, "fraction of outputs\ncalling it lesion")
+    scores = [("GED", case["ged"], population["ged"])]
+    if case.get("risk") is not None and "risk" in population:
+        scores.append(("risk", case["risk"], population["risk"]))
+    score_grid = grid[1, 1:].subgridspec(1, len(scores), wspace=0.35)
+    for k, (name, value, values) in enumerate(scores):
+        _score_panel(fig.add_subplot(score_grid[0, k]), name, value, values, split)
+    fig.suptitle(f"{case['id']}: Dice {dice:.3f} against the ground truth", fontsize=12)
+    _note(fig, note)
+    _save(fig, out_png, dpi)
+    return dice
+
+
+def _method_model_row(grid, image, eps_pair, binary_mid, t_mid: int) -> None:
     axes = grid.subplots()
     scale = max(float(np.abs(eps_pair).max()), 1e-8)
     _panel(axes[0], image, "image")
-    _panel(axes[1], _noise_rgb(eps_pair[0], scale), f"predicted noise\nc0 (healthy), t={t_mid}")
-    _panel(axes[2], _noise_rgb(eps_pair[1], scale), f"predicted noise\nc1 (lesion), t={t_mid}")
-    _panel(axes[3], np.abs(eps_pair[0] - eps_pair[1]).mean(axis=0), "|eps_c0 - eps_c1|\n(eq. 2, this draw)",
-           colorbar=True, cmap="inferno")
+    _panel(axes[1], _noise_rgb(eps_pair[0], scale), f"predicted noise\nhealthy label, t={t_mid}")
+    _panel(axes[2], _noise_rgb(eps_pair[1], scale), f"predicted noise\nlesion label, t={t_mid}")
+    im = _panel(axes[3], np.abs(eps_pair[0] - eps_pair[1]).mean(axis=0),
+                "difference of the two\npredictions (this draw)", cmap="inferno")
+    _colourbar(axes[3], im, "|difference|")
     _panel(axes[4], binary_mid, f"binary output\nt={t_mid} (as evaluated)", cmap="gray", vmin=0, vmax=1)
 
 
-def _timestep_row(fig, grid, binary: np.ndarray, timesteps: list[int]) -> None:
+def _timestep_row(grid, binary: np.ndarray, timesteps: list[int]) -> None:
     axes = np.atleast_1d(grid.subplots())
     for ax, mask, t in zip(axes, binary, timesteps):
-        _panel(ax, mask, f"t={t}", cmap="gray", vmin=0, vmax=1)
+        _panel(ax, mask, f"output at t={t}", cmap="gray", vmin=0, vmax=1)
 
 
-def _uncertainty_row(fig, grid, case: dict, dice: float) -> None:
+def _method_uncertainty_row(grid, case: dict) -> None:
     axes = grid.subplots()
-    _panel(axes[0], case["consistency"], "consistency (eq. 3)", colorbar=True, cmap="viridis", vmin=0, vmax=1)
-    _panel(axes[1], case["ambiguity"], "ambiguity (eq. 4)", colorbar=True, cmap="magma", vmin=0, vmax=0.25)
-    _panel(axes[2], case["image"], f"final (green), truth (yellow)\nDice {dice:.3f}, GED {case['ged']:.3f}")
+    for ax, key, cmap, vmax, label in ((axes[0], "consistency", "viridis", 1.0, "mean of the outputs"),
+                                       (axes[1], "ambiguity", "magma", 0.25, "variance of the outputs")):
+        im = _panel(ax, case[key], key, cmap=cmap, vmin=0, vmax=vmax)
+        _colourbar(ax, im, label)
+    _panel(axes[2], case["image"], "final mask after CRF fusion")
     _outline(axes[2], case["fused"], FINAL_COLOUR)
-    _outline(axes[2], case["truth"], TRUTH_COLOUR)
-    axes[2].legend(handles=[Line2D([], [], color=FINAL_COLOUR, label="final mask"),
-                            Line2D([], [], color=TRUTH_COLOUR, label="ground truth")],
-                   fontsize=7, loc="lower right")
 
 
-def draw_case(case: dict, eps_pair: np.ndarray, timesteps: list[int], t_index: int, out_png, *, dpi: int) -> float:
-    """One page per image: model panels (Fig. 3), outputs across t (Fig. 4), uncertainty (Figs. 5-6)."""
-    dice = mask_metrics(case["fused"], case["truth"])["dice"]
-    fig = _figure(CASE_SIZE_IN)
-    rows = fig.add_gridspec(3, 1, hspace=0.35, left=0.03, right=0.95, top=0.9, bottom=0.03)
-    _model_row(fig, rows[0].subgridspec(1, 5), case["image"], eps_pair, case["binary"][t_index], timesteps[t_index])
-    _timestep_row(fig, rows[1].subgridspec(1, len(timesteps)), case["binary"], timesteps)
-    _uncertainty_row(fig, rows[2].subgridspec(1, 3), case, dice)
-    fig.suptitle(f"{case['id']}: final Dice {dice:.3f}, GED (paper) {case['ged']:.3f}")
+def draw_method(case: dict, eps_pair: np.ndarray, timesteps: list[int], t_index: int, out_png, *, dpi: int,
+                note: str = "") -> None:
+    """The method page of one image: the two noise predictions and their difference, the outputs across
+    timesteps, consistency and ambiguity (the paper's Figs. 3-6)."""
+    fig = _figure(METHOD_SIZE_IN)
+    rows = fig.add_gridspec(3, 1, hspace=0.4, left=0.03, right=0.93, top=0.9, bottom=0.03)
+    _method_model_row(rows[0].subgridspec(1, 5, wspace=0.3), case["image"], eps_pair, case["binary"][t_index],
+                      timesteps[t_index])
+    _timestep_row(rows[1].subgridspec(1, len(timesteps)), case["binary"], timesteps)
+    _method_uncertainty_row(rows[2].subgridspec(1, 3, wspace=0.4), case)
+    fig.suptitle(f"{case['id']}: how the mask is made")
+    _note(fig, note)
     _save(fig, out_png, dpi)
-    return dice
+
+
+def _thumbnail(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask) reduced so the longest side is at most SHEET_THUMB_PX (mask by nearest neighbour)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = min(1.0, SHEET_THUMB_PX / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+    small_mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)) > 0
+    return small, small_mask
+
+
+def draw_contact_sheet(queue: pd.DataFrame, image_dir, masks_dir, out_png, *, n_total: int, columns: int = 6,
+                       dpi: int = 120, note: str = "") -> None:
+    """Thumbnails of the queue's images (in queue order) with their predicted mask outlined, rank and score."""
+    from diffseg.data import image_files
+    from diffseg.imageio import read_mask, read_rgb
+
+    files = image_files(Path(image_dir))
+    n = len(queue)
+    n_cols = max(1, min(columns, n))
+    n_rows = max(1, -(-n // n_cols))
+    height_in = SHEET_TILE_IN * n_rows + 1.0  # 0.6 in for the title, 0.4 in for the note
+    fig = _figure((max(SHEET_TILE_IN * n_cols, 6.0), height_in))  # 6 in at least: the title fits
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, row in zip(axes, queue.itertuples(index=False)):
+        image, mask = _thumbnail(read_rgb(files[row.id]), read_mask(Path(masks_dir) / f"{row.id}_segmentation.png"))
+        ax.imshow(image)
+        _outline(ax, mask, FINAL_COLOUR)
+        score = f"risk {row.risk:.2f}" if row.sorted_by == "risk" else f"GED {row.ged:.3f}"
+        ax.set_title(f"#{row.rank} {row.id}\n{score}", fontsize=7)
+    shown = f"the {n} most doubtful of {n_total} images" if n < n_total else f"all {n_total} images"
+    fig.suptitle(f"Review queue: {shown}\nmost doubtful first, predicted mask in green", fontsize=10)
+    _note(fig, note, top=False)
+    fig.tight_layout(rect=(0, 0.4 / height_in, 1, 1 - 0.6 / height_in))
+    _save(fig, out_png, dpi)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -214,31 +340,66 @@ def _case(data: dict, i: int, image_id: str) -> dict:
 
 def run_figures(dataset_h5: str | os.PathLike, checkpoint: str | os.PathLike, inference_h5: str | os.PathLike,
                 uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike, per_image_csv: str | os.PathLike,
-                summary_png: str | os.PathLike, cases_dir: str | os.PathLike, *, split: str = "test",
+                summary_png: str | os.PathLike, cases_dir: str | os.PathLike,
+                method_dir: str | os.PathLike | None = None, *, split: str = "test",
                 inference: dict | None = None, ids: Sequence[str] = (), dpi: int = 120,
-                fail_dice: float = 0.7, calibration_h5: str | os.PathLike | None = None) -> dict:
-    """Write the summary PNG and one <id>.png per chosen image into cases_dir. Returns the paths written."""
+                fail_dice: float = 0.7, calibration_h5: str | os.PathLike | None = None, note: str = "") -> dict:
+    """Write the summary PNG, the clinician's <id>.png per chosen image into cases_dir and, with
+    ``method_dir``, the method page <id>.png there. ``note`` (e.g. 'synthetic demo data') is printed on
+    every page. Returns the paths written."""
     settings = InferenceSettings.from_config(inference)
     final = read_final_rows(per_image_csv)
-    draw_summary(final, summary_png, fail_dice=fail_dice, dpi=dpi)
+    draw_summary(final, summary_png, fail_dice=fail_dice, dpi=dpi, note=note)
     chosen = [str(i) for i in ids] or pick_cases(final)
     data = load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split, chosen, calibration_h5)
+    population = _score_population(final)
+    Path(cases_dir).mkdir(parents=True, exist_ok=True)  # a Snakemake directory() output: we create it
+    written = {"summary": str(summary_png), "cases": [], "method": []}
+    for i, image_id in enumerate(chosen):
+        case = _case(data, i, image_id)
+        case["risk"] = _risk_of(final, image_id)
+        out_png = Path(cases_dir) / f"{image_id}.png"
+        dice = draw_case(case, population, out_png, split=split, dpi=dpi, note=note)
+        logger.info("figure %s (final Dice %.3f)", out_png, dice)
+        written["cases"].append(str(out_png))
+    if method_dir is not None:
+        written["method"] = _method_pages(data, chosen, checkpoint, settings, inference_h5, method_dir, dpi, note)
+    return written
+
+
+def _score_population(final: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The evaluated set's per-image GED (and risk, when evaluate wrote one), for the percentile panels."""
+    population = {"ged": final["ged_paper"].to_numpy(float)}
+    if "risk" in final and final["risk"].notna().any():
+        population["risk"] = final["risk"].to_numpy(float)
+    return population
+
+
+def _risk_of(final: pd.DataFrame, image_id: str) -> float | None:
+    if "risk" not in final:
+        return None
+    value = final.loc[final["id"] == image_id, "risk"]
+    return float(value.iloc[0]) if len(value) and np.isfinite(value.iloc[0]) else None
+
+
+def _method_pages(data: dict, chosen: list[str], checkpoint, settings: InferenceSettings, inference_h5, method_dir,
+                  dpi: int, note: str) -> list[str]:
+    """One method page per chosen image (the model is run once more for the noise panels)."""
     _warn_if_seed_differs(data["inference_attrs"], settings.seed, inference_h5)
     model, schedule, device, autocast_dtype = _load_model(checkpoint, settings, data["images"].shape[1])
     timesteps = check_timesteps(data["timesteps"], schedule.T)
     t_index = (len(timesteps) - 1) // 2
-    Path(cases_dir).mkdir(parents=True, exist_ok=True)  # a Snakemake directory() output: we create it
+    Path(method_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for i, image_id in enumerate(chosen):
         case = _case(data, i, image_id)
         eps_pair = predict_noise_pair(model, schedule, case["image"], image_id, timesteps[t_index],
                                       seed=settings.seed, noise_draws=settings.noise_draws, device=device,
                                       autocast_dtype=autocast_dtype)
-        out_png = Path(cases_dir) / f"{image_id}.png"
-        dice = draw_case(case, eps_pair, timesteps, t_index, out_png, dpi=dpi)
-        logger.info("figure %s (final Dice %.3f)", out_png, dice)
+        out_png = Path(method_dir) / f"{image_id}.png"
+        draw_method(case, eps_pair, timesteps, t_index, out_png, dpi=dpi, note=note)
         written.append(str(out_png))
-    return {"summary": str(summary_png), "cases": written}
+    return written
 
 
 def _warn_if_seed_differs(attrs: dict, seed: int, inference_h5) -> None:

@@ -65,3 +65,20 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
+
+
+def resize_float(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float map (H, W) to (height, width), float32 (e.g. a mask fraction to original size)."""
+    values = np.asarray(values, np.float32)
+    if values.shape == (height, width):
+        return values
+    return np.asarray(Image.fromarray(values).resize((int(width), int(height)), Image.Resampling.BILINEAR))
+
+
+def write_grey_png(path: str | os.PathLike, values: np.ndarray, vmax: float) -> None:
+    """Write a map (H, W) in [0, vmax] as an 8-bit grey PNG (0 -> 0, vmax -> 255), atomically."""
+    from diffseg.atomic import atomic_path
+
+    grey = np.clip(np.asarray(values, np.float64) / vmax * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grey).save(tmp, format="PNG")

@@ -11,7 +11,6 @@ The ``inference`` config section arrives once, as :class:`InferenceSettings`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 import diffseg
-from diffseg.atomic import atomic_path
+from diffseg.atomic import atomic_path, file_sha256
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.h5io import write_ids
@@ -232,14 +231,6 @@ def check_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
     return timesteps
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- writing inference.h5
 
 
@@ -340,7 +331,7 @@ def run_inference(
     logger.info("inference on %s, autocast %s, %d timesteps, %d noise draw(s)", dev, autocast_dtype or "fp32",
                 len(timesteps), s.noise_draws)
 
-    data = load_split(dataset_h5, split)
+    data = load_split(dataset_h5, split, require_masks=False)
     resolution = int(data["images"].shape[1])
     if resolution != int(cfg["image_size"]):
         raise InputError(dataset_h5, f"images are {resolution} px but checkpoint {checkpoint} was trained "

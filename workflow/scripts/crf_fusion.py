@@ -10,4 +10,5 @@ with log_to(snakemake.log[0]):
         split=snakemake.wildcards.split,
         threads=snakemake.threads,
         calibration_h5=snakemake.input.calibration,
+        paper_rows=snakemake.params.paper_rows,
     )

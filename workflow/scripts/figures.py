@@ -11,8 +11,10 @@ with log_to(snakemake.log[0]):
         snakemake.input.per_image,
         snakemake.output.summary,
         snakemake.output.cases,
+        snakemake.output.method,
         split=snakemake.params.split,
         inference=snakemake.params.inference,
         calibration_h5=snakemake.input.calibration,
+        note=snakemake.params.note,
         **snakemake.params.cfg,
     )

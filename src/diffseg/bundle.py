@@ -1,0 +1,248 @@
+"""A trained model as one portable file: checkpoint, calibration, the settings they depend on, a hash.
+
+The bundle is a zip archive (``diffseg_bundle.zip``) holding
+
+| member | what |
+|---|---|
+| ``manifest.json`` | format version, diffseg version, ``settings`` (below), sha256 of every other member, ``content_sha256``, ``training_data`` |
+| ``ddpm.pt`` | the DDPM checkpoint (EMA weights used for inference) |
+| ``calibration.h5`` | the calibration fitted on the val split (diffseg.calibration) |
+| optional members | any of ``OPTIONAL_MEMBERS`` the training run produced (e.g. a risk model), stored as bytes |
+
+``settings`` are the config values the model's outputs depend on: ``prepare.resolution``, the
+``model`` and ``diffusion`` sections, the inference settings the calibration was fitted on
+(``INFERENCE_KEYS``) and the ``calibration`` section. A config that predicts with the bundle must
+agree on all of them except ``calibration`` (the fitted file is used as is): ``settings_mismatch``
+names every difference. ``content_sha256`` is the sha256 of the canonical JSON of the settings and
+the member hashes, so it identifies the model independently of zip metadata.
+
+This module stays torch-free (zipfile, json, hashlib): the workflow's config check reads a
+bundle's manifest before any rule starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import diffseg
+from diffseg.atomic import atomic_path, file_sha256
+from diffseg.imageio import InputError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHECKPOINT = "ddpm.pt"
+CALIBRATION = "calibration.h5"
+REQUIRED_MEMBERS = (CHECKPOINT, CALIBRATION)
+# Artefacts other stages may save beside the calibration; included when the training run made them.
+OPTIONAL_MEMBERS = {
+    "risk_model.json": "per-image risk model fitted on the val split",
+    "features_head.pt": "features head checkpoint",
+}
+# The inference settings the calibration was fitted on; prediction must use the same.
+INFERENCE_KEYS = ("method", "timesteps", "noise_draws", "normalise", "threshold", "recon_steps", "recon_compare")
+MUST_MATCH = ("prepare.resolution", "model", "diffusion", "inference")
+_ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member dates: the same content gives the same file
+
+
+class BundleError(InputError):
+    """A bundle that cannot be used here; the message starts with its path."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def bundle_settings(config: dict) -> dict:
+    """The settings a bundle records, from a full (validated, defaults filled) workflow config."""
+    return {
+        "prepare.resolution": int(config["prepare"]["resolution"]),
+        "model": dict(config["model"]),
+        "diffusion": dict(config["diffusion"]),
+        "inference": {k: config["inference"][k] for k in INFERENCE_KEYS},
+        "calibration": dict(config["calibration"]),
+    }
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key in sorted(value):
+            out.update(_flatten(f"{prefix}.{key}", value[key]))
+        return out
+    return {prefix: value}
+
+
+def settings_mismatch(bundle: dict, config: dict) -> list[str]:
+    """'key: bundle X, config Y' for every MUST_MATCH setting where a bundle and a config differ."""
+    theirs = {k: v for section in MUST_MATCH for k, v in _flatten(section, _canonical(bundle.get(section))).items()}
+    ours = {k: v for section in MUST_MATCH for k, v in _flatten(section, _canonical(config.get(section))).items()}
+    return [f"{key}: bundle {theirs.get(key, '(absent)')!r}, config {ours.get(key, '(absent)')!r}"
+            for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+
+
+def _canonical(value):
+    """JSON round trip: tuples become lists, 1.0 and 1 stay distinct only where JSON keeps them."""
+    return json.loads(json.dumps(value))
+
+
+def check_settings(bundle_path: str | os.PathLike, bundle: dict, config: dict) -> None:
+    """Refuse a bundle whose model-defining settings differ from the config's, naming every difference."""
+    differences = settings_mismatch(bundle, bundle_settings(config))
+    if differences:
+        raise BundleError(bundle_path, "the model bundle does not match the config (" + "; ".join(differences)
+                          + "). Predict with the config the bundle was trained with.")
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def content_sha256(settings: dict, members: dict[str, str]) -> str:
+    """sha256 of the canonical JSON of the settings and the member hashes."""
+    blob = json.dumps({"settings": settings, "members": members}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_bundle(out_zip: str | os.PathLike, checkpoint: str | os.PathLike, calibration_h5: str | os.PathLike,
+                 settings: dict, optional: dict[str, str | os.PathLike] | None = None,
+                 training_data: str = "") -> dict:
+    """Write the bundle; ``optional`` maps OPTIONAL_MEMBERS names to files (absent files are left out);
+    ``training_data`` says what the model was trained on (shown beside its predictions). Returns the manifest.
+    """
+    files = {CHECKPOINT: Path(checkpoint), CALIBRATION: Path(calibration_h5)}
+    for name, path in (optional or {}).items():
+        if name not in OPTIONAL_MEMBERS:
+            raise ValueError(f"unknown optional bundle member {name!r}; known: {sorted(OPTIONAL_MEMBERS)}")
+        if Path(path).is_file():
+            files[name] = Path(path)
+    for name, path in files.items():
+        if not path.is_file():
+            raise InputError(path, f"file not found (bundle member {name})")
+    members = {name: file_sha256(path) for name, path in files.items()}
+    settings = _canonical(settings)
+    manifest = {"format_version": FORMAT_VERSION, "diffseg_version": diffseg.__version__, "settings": settings,
+                "members": members, "content_sha256": content_sha256(settings, members),
+                "optional_members": sorted(set(files) - set(REQUIRED_MEMBERS)), "training_data": training_data}
+    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(zipfile.ZipInfo(MANIFEST, _ZIP_DATE), json.dumps(manifest, indent=2, sort_keys=True))
+        for name, path in files.items():
+            info = zipfile.ZipInfo(name, _ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with open(path, "rb") as src, zf.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    logger.info("model bundle %s: content sha256 %s, members %s", out_zip, manifest["content_sha256"],
+                sorted(files))
+    return manifest
+
+
+def export_bundle(checkpoint: str | os.PathLike, calibration_h5: str | os.PathLike, out_zip: str | os.PathLike, *,
+                  config: dict, optional: dict[str, str | os.PathLike] | None = None,
+                  training_data: str = "") -> dict:
+    """Bundle a training run (rule export_bundle), after checking the checkpoint was trained with ``config``."""
+    from diffseg.train import load_checkpoint  # torch: only the export needs it
+
+    settings = bundle_settings(config)
+    saved = load_checkpoint(checkpoint, kind="ddpm")["config"]
+    trained = {"prepare.resolution": saved["image_size"], "model": saved["model"], "diffusion": saved["diffusion"],
+               "inference": settings["inference"]}
+    differences = settings_mismatch(trained, settings)
+    if differences:
+        raise BundleError(checkpoint, "the checkpoint was not trained with this config (" + "; ".join(differences)
+                          + ")")
+    return write_bundle(out_zip, checkpoint, calibration_h5, settings, optional, training_data)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def optional_member(bundle_path: str | os.PathLike, name: str) -> bytes | None:
+    """The bytes of an optional member (e.g. 'risk_model.json'), hash-checked; None when the bundle has none."""
+    if name not in OPTIONAL_MEMBERS:
+        raise ValueError(f"unknown optional bundle member {name!r}; known: {sorted(OPTIONAL_MEMBERS)}")
+    manifest = read_manifest(bundle_path)
+    if name not in manifest["members"]:
+        return None
+    with _open(bundle_path) as zf:
+        data = zf.read(name)
+    if hashlib.sha256(data).hexdigest() != manifest["members"][name]:
+        raise BundleError(bundle_path, f"member {name} is corrupt (sha256 differs from the manifest)")
+    return data
+
+
+def _open(bundle_path: str | os.PathLike) -> zipfile.ZipFile:
+    path = Path(bundle_path)
+    if not path.is_file():
+        raise BundleError(path, "model bundle not found")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise BundleError(path, f"not a model bundle (not a readable zip archive: {err})") from err
+
+
+def _member_sha256(zf: zipfile.ZipFile, name: str) -> str | None:
+    """sha256 of one member's bytes; None where the archive cannot deliver them (CRC error, truncation)."""
+    digest = hashlib.sha256()
+    try:
+        with zf.open(name) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_path: str | os.PathLike) -> dict:
+    """The bundle's manifest, checked for the keys and members it must have (no hashing)."""
+    with _open(bundle_path) as zf:
+        if MANIFEST not in zf.namelist():
+            raise BundleError(bundle_path, f"not a model bundle (no {MANIFEST})")
+        try:
+            manifest = json.loads(zf.read(MANIFEST))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BundleError(bundle_path, f"{MANIFEST} is not valid JSON ({err})") from err
+        names = set(zf.namelist())
+    missing = [k for k in ("format_version", "settings", "members", "content_sha256") if k not in manifest]
+    if missing:
+        raise BundleError(bundle_path, f"{MANIFEST} lacks {missing}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise BundleError(bundle_path, f"bundle format {manifest['format_version']} is newer than this diffseg "
+                          f"({diffseg.__version__}) reads (format {FORMAT_VERSION}): update diffseg")
+    absent = [m for m in (*REQUIRED_MEMBERS, *manifest["members"]) if m not in names]
+    if absent or any(m not in manifest["members"] for m in REQUIRED_MEMBERS):
+        raise BundleError(bundle_path, f"incomplete bundle: member(s) {sorted(set(absent) or set(REQUIRED_MEMBERS))} "
+                          "missing")
+    return manifest
+
+
+def load_bundle(bundle_path: str | os.PathLike, out_dir: str | os.PathLike, config: dict) -> dict:
+    """Check a bundle against ``config``, verify every member's hash and extract the members into out_dir.
+
+    Returns the manifest. Nothing is left in out_dir when a check fails (members go to temporary
+    names first).
+    """
+    manifest = read_manifest(bundle_path)
+    check_settings(bundle_path, manifest["settings"], config)
+    if content_sha256(manifest["settings"], manifest["members"]) != manifest["content_sha256"]:
+        raise BundleError(bundle_path, f"{MANIFEST} was altered: its content hash does not match")
+    out_dir = Path(out_dir)
+    with _open(bundle_path) as zf:
+        for name, expected in manifest["members"].items():  # verify everything before writing anything
+            if _member_sha256(zf, name) != expected:
+                raise BundleError(bundle_path, f"member {name} is corrupt (sha256 differs from the manifest)")
+        for name in manifest["members"]:
+            with atomic_path(out_dir / name) as tmp, zf.open(name) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    with atomic_path(out_dir / MANIFEST) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    logger.info("model bundle %s (content sha256 %s) checked and unpacked into %s", bundle_path,
+                manifest["content_sha256"], out_dir)
+    return manifest

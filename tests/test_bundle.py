@@ -1,0 +1,135 @@
+"""The model bundle: written from a training run's files, refused when it does not match the config."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from diffseg.bundle import (CALIBRATION, CHECKPOINT, MANIFEST, BundleError, bundle_settings, export_bundle,
+                            load_bundle, optional_member, read_manifest, settings_mismatch)
+from diffseg.calibration import Calibration, load_calibration, save_calibration
+from diffseg.ddpm import load_model
+from test_figures import DIFFUSION, R, TINY_MODEL, tiny_checkpoint
+
+INFERENCE = dict(method="paper", timesteps=[60, 70, 80], noise_draws=1, normalise="p99", threshold=0.5,
+                 recon_steps=5, recon_compare="c1", splits=["val", "test"], batch_images=4, seed=0)
+
+
+def config(**changes) -> dict:
+    cfg = {"prepare": {"resolution": R, "dilate_px": 1}, "model": dict(TINY_MODEL), "diffusion": dict(DIFFUSION),
+           "inference": dict(INFERENCE), "calibration": {"method": "calibrated", "bias": False}}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    checkpoint = tmp_path / "models" / "ddpm.pt"
+    checkpoint.parent.mkdir()
+    tiny_checkpoint(checkpoint)
+    calibration = tmp_path / "calibration.h5"
+    cal = Calibration(method="calibrated", threshold=0.3, sigmoid_scale=0.05, blur_sigma=1.0, closing_px=1,
+                      fill_holes=True, largest_component=True, best_timestep=70, timesteps=[60, 70, 80])
+    save_calibration(calibration, cal, (3, R, R), {"val_dice_vote": 0.5})
+    return checkpoint, calibration
+
+
+def test_bundle_round_trip_gives_the_same_model_and_calibration(run_files, tmp_path):
+    checkpoint, calibration = run_files
+    bundle = tmp_path / "bundle.zip"
+    manifest = export_bundle(checkpoint, calibration, bundle, config=config(), training_data="synthetic demo data")
+    assert manifest["members"].keys() == {CHECKPOINT, CALIBRATION}
+    assert len(manifest["content_sha256"]) == 64
+    assert manifest["settings"]["prepare.resolution"] == R and manifest["settings"]["inference"]["timesteps"] == [60, 70, 80]
+    # another folder, another machine: only the bundle travels
+    unpacked = load_bundle(bundle, tmp_path / "elsewhere", config())
+    assert unpacked["content_sha256"] == manifest["content_sha256"]
+    model_a, _ = load_model(checkpoint)
+    model_b, cfg_b = load_model(tmp_path / "elsewhere" / CHECKPOINT)
+    assert cfg_b["image_size"] == R
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+    cal = load_calibration(tmp_path / "elsewhere" / CALIBRATION)
+    assert cal.threshold == 0.3 and cal.best_timestep == 70
+    assert json.loads((tmp_path / "elsewhere" / MANIFEST).read_text())["training_data"] == "synthetic demo data"
+
+
+def test_same_content_gives_the_same_bundle_bytes(run_files, tmp_path):
+    checkpoint, calibration = run_files
+    export_bundle(checkpoint, calibration, tmp_path / "a.zip", config=config())
+    export_bundle(checkpoint, calibration, tmp_path / "b.zip", config=config())
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"prepare__resolution": 32}, "prepare.resolution: bundle 16, config 32"),
+    ({"model__base_channels": 16}, "model.base_channels: bundle 8, config 16"),
+    ({"diffusion__T": 1000}, "diffusion.T: bundle 200, config 1000"),
+    ({"inference__timesteps": [60, 70]}, "inference.timesteps: bundle [60, 70, 80], config [60, 70]"),
+    ({"inference__noise_draws": 4}, "inference.noise_draws: bundle 1, config 4"),
+])
+def test_a_bundle_that_does_not_match_the_config_is_refused_naming_the_difference(run_files, tmp_path, change,
+                                                                                   named):
+    checkpoint, calibration = run_files
+    bundle = tmp_path / "bundle.zip"
+    export_bundle(checkpoint, calibration, bundle, config=config())
+    with pytest.raises(BundleError, match="does not match the config") as err:
+        load_bundle(bundle, tmp_path / "out", config(**change))
+    assert str(err.value).startswith(str(bundle)) and named in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_that_do_not_define_the_model_may_differ():
+    base = bundle_settings(config())
+    other = bundle_settings(config(inference__batch_images=64, inference__seed=5, prepare__dilate_px=9,
+                                   calibration__method="paper"))
+    assert settings_mismatch(base, other) == []
+
+
+def test_export_refuses_a_checkpoint_trained_with_another_config(run_files, tmp_path):
+    checkpoint, calibration = run_files
+    with pytest.raises(BundleError, match="not trained with this config.*model.base_channels: bundle 8, config 32"):
+        export_bundle(checkpoint, calibration, tmp_path / "b.zip", config=config(model__base_channels=32))
+    assert not (tmp_path / "b.zip").exists()
+
+
+def test_optional_members_are_packed_when_present(run_files, tmp_path):
+    checkpoint, calibration = run_files
+    risk = tmp_path / "risk_model.json"
+    risk.write_text('{"weights": [1, 2]}')
+    bundle = tmp_path / "bundle.zip"
+    manifest = export_bundle(checkpoint, calibration, bundle, config=config(),
+                             optional={"risk_model.json": risk, "features_head.pt": tmp_path / "absent.pt"})
+    assert manifest["optional_members"] == ["risk_model.json"]
+    assert optional_member(bundle, "risk_model.json") == risk.read_bytes()
+    assert optional_member(bundle, "features_head.pt") is None
+    with pytest.raises(ValueError, match="unknown optional bundle member 'typo.json'"):
+        export_bundle(checkpoint, calibration, bundle, config=config(), optional={"typo.json": risk})
+
+
+def test_a_corrupt_member_is_refused_and_nothing_is_unpacked(run_files, tmp_path):
+    checkpoint, calibration = run_files
+    bundle = tmp_path / "bundle.zip"
+    export_bundle(checkpoint, calibration, bundle, config=config())
+    tampered = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, data + b"x" if item.filename == CALIBRATION else data)
+    with pytest.raises(BundleError, match="member calibration.h5 is corrupt"):
+        load_bundle(tampered, tmp_path / "out", config())
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_bundle_is_named(tmp_path):
+    text = tmp_path / "model.zip"
+    text.write_text("not a zip")
+    with pytest.raises(BundleError, match="model.zip: not a model bundle"):
+        read_manifest(text)
+    with pytest.raises(BundleError, match="model bundle not found"):
+        read_manifest(tmp_path / "missing.zip")
