@@ -11,7 +11,7 @@ from workflow_helpers import REPO, snakemake, workflow_copy
 
 CHAIN = ["prepare_dataset", "train_ddpm", "noise_difference", "gather_inference", "calibrate", "uncertainty",
          "gather_uncertainty", "crf_fusion", "gather_crf", "export_masks", "train_baseline",
-         "predict_baseline", "evaluate", "figures"]
+         "predict_baseline", "evaluate", "figures", "export_bundle"]
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -135,8 +135,33 @@ def test_html_report_holds_the_table_and_figures(tiny_run):
     assert run.returncode == 0, run.stderr[-3000:]
     report = (tiny_run / "report.html").read_text(errors="replace")
     assert len(report) > 10_000
-    for name in ["table.md", "summary.png", "ddpm_loss.png", "preview.png"]:
+    for name in ["table.md", "summary.png", "ddpm_loss.png", "preview.png", "cases", "method"]:
         assert name in report, name
+
+
+def _requirement_names(requirements) -> set[str]:
+    import re
+
+    return {re.split(r"[\s\[<>=!;~]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_plain_install_brings_what_snakemake_report_needs():
+    """`pip install -e .` (no extras) must pull in pygments, which `snakemake --report` imports."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    resolved = _requirement_names(dependencies)
+    for requirement in dependencies:  # one level of extras, e.g. snakemake[reports]
+        match = re.match(r"([\w.-]+)\[([\w,\s-]+)\]", requirement)
+        if match:
+            extras = {e.strip() for e in match[2].split(",")}
+            for sub in importlib.metadata.requires(match[1]) or []:
+                marker = re.search(r'extra == "([\w-]+)"', sub)
+                if marker is None or marker[1] in extras:
+                    resolved |= _requirement_names([sub])
+    assert "pygments" in resolved, sorted(resolved)
 
 
 ABLATION_OVERLAYS = sorted(p.name for p in (REPO / "config" / "ablation").glob("*.yaml"))
