@@ -100,14 +100,14 @@ def test_export_refuses_a_checkpoint_trained_with_another_config(run_files, tmp_
 
 def test_optional_members_are_packed_when_present(run_files, tmp_path):
     checkpoint, calibration = run_files
-    risk = tmp_path / "risk_model.json"
+    risk = tmp_path / "risk.json"
     risk.write_text('{"weights": [1, 2]}')
     bundle = tmp_path / "bundle.zip"
     manifest = export_bundle(checkpoint, calibration, bundle, config=config(),
-                             optional={"risk_model.json": risk, "features_head.pt": tmp_path / "absent.pt"})
-    assert manifest["optional_members"] == ["risk_model.json"]
-    assert optional_member(bundle, "risk_model.json") == risk.read_bytes()
-    assert optional_member(bundle, "features_head.pt") is None
+                             optional={"risk.json": risk, "feature_head.pt": tmp_path / "absent.pt"})
+    assert manifest["optional_members"] == ["risk.json"]
+    assert optional_member(bundle, "risk.json") == risk.read_bytes()
+    assert optional_member(bundle, "feature_head.pt") is None
     with pytest.raises(ValueError, match="unknown optional bundle member 'typo.json'"):
         export_bundle(checkpoint, calibration, bundle, config=config(), optional={"typo.json": risk})
 

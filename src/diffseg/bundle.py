@@ -41,10 +41,10 @@ MANIFEST = "manifest.json"
 CHECKPOINT = "ddpm.pt"
 CALIBRATION = "calibration.h5"
 REQUIRED_MEMBERS = (CHECKPOINT, CALIBRATION)
-# Artefacts other stages may save beside the calibration; included when the training run made them.
+# Model artefacts of other stages (risk model, features head); packed when the training run made them.
 OPTIONAL_MEMBERS = {
-    "risk_model.json": "per-image risk model fitted on the val split",
-    "features_head.pt": "features head checkpoint",
+    "risk.json": "per-image risk model fitted on the val split (calibration/risk.json)",
+    "feature_head.pt": "features head checkpoint (models/feature_head.pt)",
 }
 # The inference settings the calibration was fitted on; prediction must use the same.
 INFERENCE_KEYS = ("method", "timesteps", "noise_draws", "normalise", "threshold", "recon_steps", "recon_compare")
@@ -165,7 +165,7 @@ def export_bundle(checkpoint: str | os.PathLike, calibration_h5: str | os.PathLi
 
 
 def optional_member(bundle_path: str | os.PathLike, name: str) -> bytes | None:
-    """The bytes of an optional member (e.g. 'risk_model.json'), hash-checked; None when the bundle has none."""
+    """The bytes of an optional member (e.g. 'risk.json'), hash-checked; None when the bundle has none."""
     if name not in OPTIONAL_MEMBERS:
         raise ValueError(f"unknown optional bundle member {name!r}; known: {sorted(OPTIONAL_MEMBERS)}")
     manifest = read_manifest(bundle_path)
