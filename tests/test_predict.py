@@ -53,7 +53,7 @@ def test_predict_writes_one_original_size_mask_per_image_the_queue_and_the_sheet
         for kind in ("consistency", "ambiguity"):
             with Image.open(out / "maps" / f"{image_id}_{kind}.png") as img:
                 assert img.size == (width, height) and img.mode == "L"
-    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
+    assert sorted(p.name for p in (out / "masks").glob("*.png")) == sorted(
         f"{n.split('.')[0]}_segmentation.png" for n in SIZES)
     queue = pd.read_csv(out / "review_queue.csv")
     assert sorted(queue["id"]) == ["NEW_0", "NEW_1", "NEW_2", "NEW_3"]
@@ -104,3 +104,20 @@ def test_a_bad_image_is_named(tiny_run, tmp_path):
     log = (wf / "results/logs/prepare_images.log").read_text()
     assert "NEW_9.png: unreadable or truncated image" in log
     assert not (wf / "results/predict/images.h5").exists()
+
+
+def test_prediction_is_sharded_and_trains_its_own_bundle_when_none_is_given(tmp_path):
+    """Dry run: predict.bundle null = this results_dir's bundle, trained first; the per-image stages run per shard."""
+    from test_workflow import planned_jobs
+
+    wf = workflow_copy(tmp_path / "wf")
+    images = unlabelled_images(tmp_path / "new_images")
+    (wf / "predict.yaml").write_text(yaml.safe_dump({"shards": 3, "predict": {"images": str(images)}}))
+    run = snakemake(wf, "-n", configfiles=("test.yaml", "predict.yaml"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = planned_jobs(run.stdout)
+    assert jobs["noise_difference"] == 6  # 3 shards of val (for the calibration) + 3 of the new images
+    assert jobs["crf_fusion"] == 3 and jobs["uncertainty"] == 3  # only the new images: no table, no figures
+    for rule in ("train_ddpm", "calibrate", "export_bundle", "unpack_bundle", "prepare_images", "predict_outputs"):
+        assert jobs[rule] == 1, (rule, jobs)
+    assert "evaluate" not in jobs and "figures" not in jobs and "train_baseline" not in jobs
