@@ -133,3 +133,12 @@ def test_not_a_bundle_is_named(tmp_path):
         read_manifest(text)
     with pytest.raises(BundleError, match="model bundle not found"):
         read_manifest(tmp_path / "missing.zip")
+
+
+def test_reading_a_bundle_needs_no_torch():
+    """The workflow's config check imports diffseg.bundle before any rule: it must not pull in torch."""
+    import subprocess
+    import sys
+
+    probe = "import sys, diffseg.bundle; print(sorted(m for m in ('torch', 'diffseg.train') if m in sys.modules))"
+    assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "[]"
