@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, figures, inference,
-                     postprocess, train, unet)
+                     postprocess, predict, train, unet)
 from diffseg.augment import PairedAugment
 from diffseg.schedule import linear_betas
 
@@ -26,7 +26,8 @@ SECTIONS = {name: spec for name, spec in yaml.safe_load(SCHEMA.read_text())["pro
 # mapping is complete (a consumer that takes a key under another name is checked for those keys only)
 CONSUMERS = {
     "demo": [demo.make_demo_dataset],
-    "prepare": [data.prepare_dataset, data.write_preview],
+    "prepare": [data.prepare_dataset, data.write_preview,
+                (data.prepare_images, {"resolution": "resolution", "on_bad_file": "on_bad_file"})],
     "augment": [PairedAugment],
     "diffusion": [linear_betas, ddpm.DIFFUSION_DEFAULTS],
     "model": [unet.ConditionalUNet, ddpm.MODEL_DEFAULTS, ddpm.PairSampler],
@@ -42,11 +43,13 @@ CONSUMERS = {
     "baselines": [baselines.train_baseline, baselines.predict_baseline, unet.SegUNet],
     "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks],
     "figures": [figures.run_figures],
+    "predict": [predict.write_predictions],
 }
 # keys a rule passes under another name or handles itself (never as a keyword with a default)
 PASSED_DIFFERENTLY = {
     "inference": {"splits"},  # the rule's split wildcard
     "baselines": {"methods"},  # which predict/train jobs exist
+    "predict": {"images", "bundle"},  # the rules' inputs (rules/predict.smk)
 }
 
 
