@@ -75,6 +75,7 @@ DATA_NOTE = "synthetic demo data" if config["data_dir"] is None else ""
 SHARDS = config["shards"]
 ENV = "../envs/diffseg.yaml"
 CALIBRATION = f"{R}/calibration/calibration.h5"
+RISK_MODEL = f"{R}/calibration/risk.json"
 SPLITS = config["inference"]["splits"]
 EVAL_SPLIT = config["evaluate"]["split"]
 BASELINES = config["baselines"]["methods"]
@@ -148,6 +149,8 @@ def final_targets():
         f"{R}/metrics/table.md",
         f"{R}/metrics/{EVAL_SPLIT}.csv",
         f"{R}/figures/summary.png",
+        f"{R}/figures/risk_coverage.png",
+        f"{R}/figures/reliability.png",
         f"{R}/crf/{EVAL_SPLIT}_png",
         BUNDLE,
     ]
@@ -160,7 +163,9 @@ localrules:
     gather_uncertainty,
     gather_crf,
     export_masks,
+    fit_risk,
     evaluate,
     export_bundle,
     unpack_bundle,
     predict_outputs,
+    risk_figures,

@@ -1,3 +1,28 @@
+rule fit_risk:
+    input:
+        h5=f"{R}/data/dataset.h5",
+        inference=f"{R}/inference/val.h5",
+        crf=f"{R}/crf/val.h5",
+        calibration=CALIBRATION,
+    output:
+        RISK_MODEL,
+    params:
+        cfg=config["risk"],
+        fail_dice=config["evaluate"]["fail_dice"],
+    log:
+        f"{R}/logs/fit_risk.log",
+    benchmark:
+        f"{R}/benchmarks/fit_risk.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/fit_risk.py"
+
+
 rule evaluate:
     input:
         h5=f"{R}/data/dataset.h5",
@@ -5,12 +30,15 @@ rule evaluate:
         uncertainty=f"{R}/uncertainty/{EVAL_SPLIT}.h5",
         crf=f"{R}/crf/{EVAL_SPLIT}.h5",
         calibration=CALIBRATION,
+        risk=RISK_MODEL,
         baselines=expand(f"{R}/baselines/{{baseline}}/{EVAL_SPLIT}.h5", baseline=BASELINES),
         truth=data_dir(),  # the original-size ground truth, for the official ISIC score
     output:
         per_image=f"{R}/metrics/{EVAL_SPLIT}.csv",
         table=report(f"{R}/metrics/table.md", category="Metrics", caption="../report/table.rst"),
         png=directory(f"{R}/metrics/{EVAL_SPLIT}_png"),
+        review_queue=f"{R}/metrics/review_queue.csv",
+        reliability=f"{R}/metrics/reliability.csv",
     params:
         cfg=config["evaluate"],
         baselines=BASELINES,
@@ -68,3 +96,28 @@ rule figures:
         ENV
     script:
         "../workflow/scripts/figures.py"
+
+
+rule risk_figures:
+    input:
+        review_queue=f"{R}/metrics/review_queue.csv",
+        reliability=f"{R}/metrics/reliability.csv",
+    output:
+        risk_coverage=report(f"{R}/figures/risk_coverage.png", category="Figures",
+                             caption="../report/risk_coverage.rst"),
+        reliability=report(f"{R}/figures/reliability.png", category="Figures", caption="../report/reliability.rst"),
+    params:
+        dpi=config["figures"]["dpi"],
+        fail_dice=config["evaluate"]["fail_dice"],
+    log:
+        f"{R}/logs/risk_figures.log",
+    benchmark:
+        f"{R}/benchmarks/risk_figures.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/risk_figures.py"

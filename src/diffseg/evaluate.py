@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from diffseg.atomic import atomic_path
 from diffseg.calibration import load_calibration
@@ -23,8 +22,10 @@ from diffseg.data import truth_mask_files
 from diffseg.export import write_original_size_pngs
 from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
-from diffseg.metrics import METRICS, PNG_SUFFIX, aggregate, mask_metrics, score_png_pairs
+from diffseg.metrics import METRICS, PNG_SUFFIX, aggregate, auroc, mask_metrics, score_png_pairs
 from diffseg.postprocess import binary_outputs, needs_maps
+from diffseg.risk import (apply_risk, expected_calibration_error, load_risk_model, reliability_table, risk_markdown,
+                          split_features, write_review_queue)
 from diffseg.uncertainty import consistency, ged_kohl, ged_paper, mask_free_scores
 
 logger = logging.getLogger(__name__)
@@ -68,16 +69,6 @@ def mean_dice_per_timestep(binary: np.ndarray, truth: np.ndarray) -> np.ndarray:
     n, n_t = binary.shape[:2]
     return np.array([np.mean([mask_metrics(binary[i, k], truth[i])["dice"] for i in range(n)])
                      for k in range(n_t)])
-
-
-def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
-    """AUROC of ``scores`` ranking positives above negatives (rank formula, ties averaged); None if a class is empty."""
-    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = rankdata(scores)  # average ranks for ties: a tie counts as half a correct ordering
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # ----------------------------------------------------------------------------- the rows
@@ -294,15 +285,51 @@ def size_range(orig_sizes: np.ndarray) -> str:
 
 
 def render_table(means: dict, official_means: dict, final: pd.DataFrame, split: str, best_t: dict,
-                 fail_dice: float, *, resolution: int, n_outputs: int, sizes: str) -> str:
-    """The markdown of table.md: the official score first, the working-resolution numbers second."""
+                 fail_dice: float, *, resolution: int, n_outputs: int, sizes: str, risk_lines: list[str] | None = None,
+                 calibration_lines: Sequence[str] = ()) -> str:
+    """The markdown of table.md: the official score first, the working-resolution numbers second.
+
+    ``risk_lines`` (the risk score's section) replace the single-score AUROC list.
+    """
     lines = [f"# Segmentation results on split '{split}' (n = {len(final)} images; the model worked at "
              f"{resolution} x {resolution} px)", ""]
     lines += _official_table(official_means, best_t, sizes) + [""]
     lines += _working_table(means, best_t, resolution, n_outputs) + [""]
     lines += _ged_line(means, len(final), n_outputs) + [""]
-    lines += _warning_section(final, fail_dice) + [""] + _published_section()
+    lines += (risk_lines or _warning_section(final, fail_dice)) + [""]
+    lines += [*calibration_lines, ""] if calibration_lines else []
+    lines += _published_section()
     return "\n".join(lines) + "\n"
+
+
+def _consistency(uncertainty_h5, ids) -> np.ndarray:
+    """(N, H, W) consistency maps of ``ids`` from the uncertainty file."""
+    unc = read_h5(uncertainty_h5, ["consistency"])
+    return unc["consistency"][match_rows(ids, unc["ids"], uncertainty_h5)]
+
+
+def _calibration_lines(reliability: pd.DataFrame) -> list[str]:
+    return ["## Pixel level: is the consistency map a calibrated lesion probability?", "",
+            "Pixels binned by consistency (the fraction of outputs calling them lesion) against the fraction that "
+            f"is lesion in the ground truth (reliability diagram: figures/reliability.png). Expected calibration "
+            f"error over {int(reliability['n_pixels'].sum())} pixels, {len(reliability)} equal bins: "
+            f"{_fmt(expected_calibration_error(reliability))} (0 = calibrated)."]
+
+
+def _risk_section(dataset_h5, eval_inference_h5, crf_h5, calibration_h5, risk_json, split: str, fail_dice: float,
+                  review_queue_csv) -> list[str]:
+    """The risk score on the evaluation split: rankings, risk-coverage (table.md lines) and the review queue."""
+    if calibration_h5 is None:
+        raise ValueError("evaluate: the risk score needs the calibration file (calibration_h5)")
+    model = load_risk_model(risk_json)
+    table = split_features(dataset_h5, eval_inference_h5, crf_h5, calibration_h5, split)
+    risk = apply_risk(model, table)
+    if review_queue_csv is not None:
+        write_review_queue(review_queue_csv, table, risk)
+    if model.fail_dice != fail_dice:
+        logger.warning("%s was fitted for Dice < %g but the table reports failures as Dice < %g",
+                       risk_json, model.fail_dice, fail_dice)
+    return risk_markdown(table, risk, model, fail_dice)
 
 
 def _macro_means(tables: list[pd.DataFrame]) -> dict[str, dict[str, float]]:
@@ -325,7 +352,9 @@ def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os
                  uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike, baselines: dict,
                  per_image_csv: str | os.PathLike, table_md: str | os.PathLike, *, truth_dir: str | os.PathLike,
                  png_dir: str | os.PathLike, split: str = "test", fail_dice: float = 0.7,
-                 calibration_h5: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+                 calibration_h5: str | os.PathLike | None = None, risk_json: str | os.PathLike | None = None,
+                 review_queue_csv: str | os.PathLike | None = None,
+                 reliability_csv: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
     """Score every method on ``split``; write the per-image CSV and table.md. Returns macro means per method.
 
     Every row's masks are written at each image's original size under ``png_dir`` (one folder per
@@ -333,7 +362,10 @@ def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os
     data folder); the working-resolution scores follow. ``calibration_h5`` (rule calibrate) turns the
     maps into the configured outputs; None = the paper's identity (the stored binary outputs). Each
     method's dict holds the working-resolution metrics, ``official`` (the official ones) and, for the
-    best-timestep rows, ``timestep`` (chosen on val).
+    best-timestep rows, ``timestep`` (chosen on val). ``risk_json`` (rule fit_risk, needs
+    ``calibration_h5``): the risk score's section in table.md and ``review_queue_csv``.
+    ``reliability_csv``: the consistency map's reliability bins (their expected calibration error is
+    always in table.md).
     """
     if split == "val":
         logger.warning("evaluating on 'val', the split the best timestep is chosen on: that row is optimistic")
@@ -351,10 +383,19 @@ def run_evaluate(dataset_h5: str | os.PathLike, inference_h5s: Sequence[str | os
     means = _macro_means(tables)
     official_means = {m: aggregate(table).to_dict() for m, table in official.items()}
     final = tables[list(masks).index(FINAL_METHOD)]
+    risk_lines = None
+    if risk_json is not None:
+        risk_lines = _risk_section(dataset_h5, inference_h5s[1], crf_h5, calibration_h5, risk_json, split,
+                                   fail_dice, review_queue_csv)
+    reliability = reliability_table(_consistency(uncertainty_h5, ids), truth)
+    if reliability_csv is not None:
+        with atomic_path(reliability_csv) as tmp:
+            reliability.to_csv(tmp, index=False)
     with atomic_path(per_image_csv) as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
     markdown = render_table(means, official_means, final, split, best_t, fail_dice, resolution=truth.shape[-1],
-                            n_outputs=n_outputs, sizes=size_range(truth_data["orig_size"]))
+                            n_outputs=n_outputs, sizes=size_range(truth_data["orig_size"]), risk_lines=risk_lines,
+                            calibration_lines=_calibration_lines(reliability))
     with atomic_path(table_md) as tmp:
         tmp.write_text(markdown)
     for method in means:

@@ -32,6 +32,7 @@ from diffseg.imageio import InputError
 from diffseg.inference import InferenceSettings, check_timesteps, draw_noise
 from diffseg.metrics import mask_metrics
 from diffseg.postprocess import binary_outputs, needs_maps
+from diffseg.risk import REVIEW_FRACTIONS, expected_calibration_error, risk_coverage
 from diffseg.runtime import autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
 
@@ -42,6 +43,7 @@ CASE_SIZE_IN = (12.0, 6.5)
 METHOD_SIZE_IN = (12.0, 9.0)
 SHEET_TILE_IN = 2.0  # contact sheet: inches per thumbnail
 SHEET_THUMB_PX = 256  # longest side of a contact-sheet thumbnail
+CURVE_SIZE_IN = (5.5, 4.5)
 FINAL_COLOUR, TRUTH_COLOUR = "lime", "yellow"
 
 
@@ -407,3 +409,61 @@ def _warn_if_seed_differs(attrs: dict, seed: int, inference_h5) -> None:
     if "seed" in attrs and int(attrs["seed"]) != int(seed):
         logger.warning("%s was made with seed %s but the figures use seed %s: the noise panels will not "
                        "match the stored outputs", inference_h5, attrs["seed"], seed)
+
+
+# ----------------------------------------------------------------------------- risk and calibration plots
+
+
+def draw_risk_coverage(queue: pd.DataFrame, out_png, *, fail_dice: float, dpi: int) -> None:
+    """Mean Dice of the kept images against the fraction sent to review (by risk, and the oracle)."""
+    n = len(queue)
+    fractions = np.arange(n) / n  # every possible number of reviewed images, up to all but one
+    curve = risk_coverage(queue["dice"], queue["risk"], queue["id"], fractions)
+    fig = _figure(CURVE_SIZE_IN)
+    ax = fig.subplots()
+    ax.plot(curve["reviewed_fraction"] * 100, curve["kept_mean_dice"], color="tab:blue", label="by risk score")
+    ax.plot(curve["reviewed_fraction"] * 100, curve["oracle_mean_dice"], color="grey", linestyle=":",
+            label="oracle (worst reviewed)")
+    ax.axhline(float(queue["dice"].mean()), color="tab:red", linestyle="--", linewidth=0.8, label="no review")
+    marks = risk_coverage(queue["dice"], queue["risk"], queue["id"], REVIEW_FRACTIONS)
+    ax.scatter(marks["reviewed_fraction"] * 100, marks["kept_mean_dice"], color="tab:blue", zorder=3, s=18)
+    failures = int((queue["dice"] < fail_dice).sum())
+    ax.set(xlabel="images sent to review (%), riskiest first", ylabel="mean Dice of the images kept",
+           title=f"Risk-coverage (n = {n}, {failures} with Dice < {fail_dice:g})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _save(fig, out_png, dpi)
+
+
+def draw_reliability(bins: pd.DataFrame, out_png, *, ece: float, dpi: int) -> None:
+    """Observed lesion fraction per consistency bin against the diagonal, with each bin's pixel share."""
+    filled = bins[bins["n_pixels"] > 0]
+    fig = _figure(CURVE_SIZE_IN)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    ax.plot(filled["mean_predicted"], filled["observed_fraction"], marker="o", color="tab:blue",
+            label=f"consistency map (ECE {ece:.3f})")
+    share = ax.twinx()
+    share.bar((bins["bin_low"] + bins["bin_high"]) / 2, bins["n_pixels"] / max(int(bins["n_pixels"].sum()), 1),
+              width=(bins["bin_high"] - bins["bin_low"]) * 0.9, color="tab:blue", alpha=0.15)
+    share.set_ylabel("share of pixels", fontsize=8)
+    ax.set(xlabel="predicted lesion frequency (consistency)", ylabel="observed lesion fraction",
+           xlim=(0, 1), ylim=(0, 1), title="Reliability of the consistency map")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    _save(fig, out_png, dpi)
+
+
+def run_risk_figures(review_queue_csv, reliability_csv, risk_coverage_png, reliability_png, *,
+                     fail_dice: float = 0.7, dpi: int = 120) -> None:
+    """The risk-coverage curve (from review_queue.csv) and the reliability diagram (from reliability.csv)."""
+    queue = pd.read_csv(review_queue_csv)
+    missing = [c for c in ("id", "risk", "dice") if c not in queue]
+    if missing:
+        raise InputError(review_queue_csv, f"missing column(s) {missing}: the curve needs the evaluated images' Dice")
+    bins = pd.read_csv(reliability_csv)
+    missing = [c for c in ("bin_low", "bin_high", "n_pixels", "mean_predicted", "observed_fraction") if c not in bins]
+    if missing:
+        raise InputError(reliability_csv, f"missing column(s) {missing}: not a reliability table")
+    draw_risk_coverage(queue, risk_coverage_png, fail_dice=fail_dice, dpi=dpi)
+    draw_reliability(bins, reliability_png, ece=expected_calibration_error(bins), dpi=dpi)

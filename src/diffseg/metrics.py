@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 from diffseg.imageio import InputError
 
@@ -63,6 +64,27 @@ def aggregate(per_image: pd.DataFrame) -> pd.Series:
         raise ValueError(f"aggregate: need a non-empty table with columns among {METRICS}, "
                          f"got {len(per_image)} rows and columns {list(per_image.columns)}")
     return per_image[columns].mean(axis="index").rename("macro_average")
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """AUROC of ``scores`` ranking positives above negatives (rank formula, ties averaged); None if a class is empty."""
+    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)  # average ranks for ties: a tie counts as half a correct ordering
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Average precision of ``scores`` for the positives (area under the step precision-recall curve, ties
+    grouped as by scikit-learn); None if there is no positive."""
+    from sklearn.metrics import average_precision_score
+
+    positive = np.asarray(positive, bool)
+    if not positive.any():
+        return None
+    return float(average_precision_score(positive, np.asarray(scores, float)))
 
 
 def _ids_in(folder: Path) -> dict[str, Path]:

@@ -87,15 +87,21 @@ def ged_kohl(samples: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * cross - within_s - within_y)
 
 
-def mask_free_scores(consistency: np.ndarray, rounds: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image scores that need no ground truth, from consistency (N, R, R) and CRF rounds (N, K, R, R).
+def ambiguity_area(consistency: np.ndarray) -> np.ndarray:
+    """Fraction of pixels where the outputs disagree (0 < consistency < 1); consistency (..., H, W)."""
+    c = np.asarray(consistency)
+    return ((c > 0) & (c < 1)).mean(axis=(-2, -1))
 
-    ambiguity_area: fraction of pixels where the outputs disagree (0 < consistency < 1);
-    crf_disagreement: fraction of pixels where the K CRF rounds differ.
-    """
-    consistency, rounds = np.asarray(consistency), np.asarray(rounds)
-    return {"ambiguity_area": ((consistency > 0) & (consistency < 1)).mean(axis=(1, 2)),
-            "crf_disagreement": (rounds.min(axis=1) != rounds.max(axis=1)).mean(axis=(1, 2))}
+
+def crf_disagreement(rounds: np.ndarray) -> np.ndarray:
+    """Fraction of pixels where the K CRF rounds (..., K, H, W) differ."""
+    r = np.asarray(rounds)
+    return (r.min(axis=-3) != r.max(axis=-3)).mean(axis=(-2, -1))
+
+
+def mask_free_scores(consistency: np.ndarray, rounds: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image scores that need no ground truth, from consistency (N, R, R) and CRF rounds (N, K, R, R)."""
+    return {"ambiguity_area": ambiguity_area(consistency), "crf_disagreement": crf_disagreement(rounds)}
 
 
 def _read_binary(inference_h5: str | os.PathLike) -> tuple[list[str], h5py.Dataset, h5py.File]:

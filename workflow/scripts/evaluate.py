@@ -13,5 +13,8 @@ with log_to(snakemake.log[0]):
         truth_dir=snakemake.input.truth,
         png_dir=snakemake.output.png,
         calibration_h5=snakemake.input.calibration,
+        risk_json=snakemake.input.risk,
+        review_queue_csv=snakemake.output.review_queue,
+        reliability_csv=snakemake.output.reliability,
         **snakemake.params.cfg,
     )
