@@ -395,3 +395,26 @@ def test_official_score_of_full_size_originals_through_the_working_resolution(tm
     for image_id, (height, width) in zip(ids, sizes):
         png = Image.open(folders["truth at 32 px"] / f"{image_id}_segmentation.png")
         assert png.size == (width, height)
+def test_risk_ranks_the_review_queue_and_the_table_shows_rankings_coverage_and_ece(files, tmp_path):
+    """A model that only weighs CRF disagreement (32, 4, 0 px) ranks ISIC_0000002 (Dice 0) first."""
+    from diffseg.calibration import Calibration, save_calibration
+    from diffseg.risk import FEATURES, RiskModel, save_risk_model
+
+    save_calibration(tmp_path / "cal.h5", Calibration(timesteps=[60, 70, 80], best_timestep=70), (3, R, R), {})
+    n = len(FEATURES)
+    coef = [1.0 if f == "crf_disagreement" else 0.0 for f in FEATURES]
+    save_risk_model(tmp_path / "risk.json", RiskModel(features=list(FEATURES), mean=[0.0] * n, scale=[1.0] * n,
+                                                      coef=coef, intercept=0.0), {})
+    queue_csv, bins_csv = tmp_path / "metrics" / "review_queue.csv", tmp_path / "metrics" / "reliability.csv"
+    _, _, md = evaluate(files, tmp_path, calibration_h5=tmp_path / "cal.h5", risk_json=tmp_path / "risk.json",
+                        review_queue_csv=queue_csv, reliability_csv=bins_csv)
+    queue = pd.read_csv(queue_csv)
+    assert queue["id"].tolist() == ["ISIC_0000002", "ISIC_0000001", "ISIC_0000003"]
+    assert queue["dice"].tolist() == [0.0, 1.0, 1.0]
+    assert queue["crf_disagreement"].tolist() == pytest.approx([32 / 256, 4 / 256, 0.0])
+    assert "| **risk score** | 1.000 | 1.000 |" in md  # the one failure ranked first
+    assert "| 30% (1) | 2 | 1.000 | 1.000 |" in md
+    # consistency: 0 or 1 where right, 0.5 on 24 background pixels -> ECE = 0.5 * 24 / 768
+    bins = pd.read_csv(bins_csv)
+    assert bins["n_pixels"].sum() == 3 * R * R
+    assert "Expected calibration error over 768 pixels, 10 equal bins: 0.016" in md

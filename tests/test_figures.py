@@ -176,3 +176,21 @@ def test_case_page_says_synthetic_demo_data_and_draws_no_equation_numbers(inputs
     # the GED panel: value and percentile among the 4 evaluated images (uncertainty GED 0.4 is the largest)
     assert "GED 0.400, 100th percentile of 4 images" in case
     assert any("fraction of outputs" in t for t in case)  # the consistency scale is labelled
+
+
+def test_risk_figures_from_the_queue_and_the_reliability_bins(tmp_path):
+    from diffseg.figures import CURVE_SIZE_IN, run_risk_figures
+    from diffseg.risk import reliability_table, review_queue
+
+    table = pd.DataFrame({"id": IDS, "dice": [DICE[i] for i in IDS]})
+    review_queue(table, np.array([0.1, 0.9, 0.5, 0.3])).to_csv(tmp_path / "queue.csv", index=False)
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(4, R, R))
+    reliability_table(p, rng.uniform(size=p.shape) < p).to_csv(tmp_path / "bins.csv", index=False)
+    run_risk_figures(tmp_path / "queue.csv", tmp_path / "bins.csv", tmp_path / "curve.png", tmp_path / "rel.png", dpi=DPI)
+    for name in ("curve.png", "rel.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size == (round(CURVE_SIZE_IN[0] * DPI), round(CURVE_SIZE_IN[1] * DPI))
+    pd.DataFrame({"id": IDS, "risk": 0.5}).to_csv(tmp_path / "no_dice.csv", index=False)
+    with pytest.raises(InputError, match=r"no_dice\.csv.*dice"):
+        run_risk_figures(tmp_path / "no_dice.csv", tmp_path / "bins.csv", tmp_path / "c.png", tmp_path / "r.png")

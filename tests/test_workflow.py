@@ -11,7 +11,7 @@ from workflow_helpers import REPO, snakemake, workflow_copy
 
 CHAIN = ["prepare_dataset", "train_ddpm", "noise_difference", "gather_inference", "calibrate", "uncertainty",
          "gather_uncertainty", "crf_fusion", "gather_crf", "export_masks", "train_baseline",
-         "predict_baseline", "evaluate", "figures", "export_bundle"]
+         "predict_baseline", "fit_risk", "evaluate", "figures", "risk_figures", "export_bundle"]
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -116,6 +116,11 @@ def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_
     crf_pngs = sorted((tiny_run / "results/crf/test_png").glob("*_segmentation.png"))
     scored = tiny_run / "results/metrics/test_png/diffseg_crf_fusion"
     assert crf_pngs and [p.read_bytes() for p in crf_pngs] == [(scored / p.name).read_bytes() for p in crf_pngs]
+    # the risk model is fitted (on val) beside the calibration and ranks every test image
+    assert "features" in (tiny_run / "results/calibration/risk.json").read_text()
+    queue = pd.read_csv(tiny_run / "results/metrics/review_queue.csv")
+    assert sorted(queue["id"]) == sorted(set(per_image["id"])) and queue["risk"].is_monotonic_decreasing
+    assert "Risk-coverage" in table and "Expected calibration error" in table
 
     again = snakemake(tiny_run, "-n")
     assert again.returncode == 0
@@ -126,7 +131,8 @@ def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_
     (tiny_run / "changed.yaml").write_text(yaml.safe_dump(config))
     plan = snakemake(tiny_run, "-n", configfiles=("changed.yaml",))
     assert plan.returncode == 0, plan.stderr
-    assert set(planned_jobs(plan.stdout)) == {"crf_fusion", "gather_crf", "export_masks", "evaluate", "figures", "all"}
+    assert set(planned_jobs(plan.stdout)) == {"crf_fusion", "gather_crf", "export_masks", "fit_risk", "evaluate",
+                                              "figures", "risk_figures", "all"}
 
 
 @pytest.mark.slow
@@ -135,7 +141,8 @@ def test_html_report_holds_the_table_and_figures(tiny_run):
     assert run.returncode == 0, run.stderr[-3000:]
     report = (tiny_run / "report.html").read_text(errors="replace")
     assert len(report) > 10_000
-    for name in ["table.md", "summary.png", "ddpm_loss.png", "preview.png", "cases", "method"]:
+    for name in ["table.md", "summary.png", "ddpm_loss.png", "preview.png", "cases", "method", "risk_coverage.png",
+                 "reliability.png"]:
         assert name in report, name
 
 

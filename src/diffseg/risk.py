@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -49,8 +49,6 @@ FEATURE_LABELS = {
     "best_vs_fused_dice": "Dice of the best single output vs the final mask",
     "otsu_vs_fused_dice": "Dice of an Otsu segmentation of the image vs the final mask",
 }
-# Features where HIGHER means SAFER (agreement, confidence, size): single-feature rankings use their negative.
-SAFER_WHEN_HIGH = ("soft_margin", "best_vs_fused_dice", "otsu_vs_fused_dice", "lesion_area")
 REVIEW_FRACTIONS = (0.0, 0.1, 0.2, 0.3)  # riskiest fractions sent to review in the risk-coverage table
 RELIABILITY_BINS = 10
 RISK_FILE_VERSION = 1
@@ -184,13 +182,18 @@ class RiskModel:
     C: float = 1.0
     fail_dice: float = 0.7
     fitted: bool = True  # False: val had one class only; the risk is then the constant prevalence
+    # +1 where a HIGHER value went with failure on val, -1 where it went with success: how each single
+    # feature is read when it is ranked alone (orientation chosen on val, never on the reported split)
+    directions: list = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.features)
         unknown = [f for f in self.features if f not in FEATURES]
         if unknown:
             raise ValueError(f"risk model: unknown feature(s) {unknown}; known: {list(FEATURES)}")
-        if not (len(self.mean) == len(self.scale) == len(self.coef) == n) or n == 0:
+        if not self.directions:
+            self.directions = [1] * n
+        if not (len(self.mean) == len(self.scale) == len(self.coef) == len(self.directions) == n) or n == 0:
             raise ValueError(f"risk model: {n} features but {len(self.mean)} means, {len(self.scale)} scales, "
                              f"{len(self.coef)} coefficients")
 
@@ -223,14 +226,22 @@ def fit_risk(table: pd.DataFrame, *, fail_dice: float = 0.7, C: float = 1.0,
 
         reg = LogisticRegression(C=C, max_iter=1000).fit((x - mean) / scale, failed)
         coef, intercept, fitted = reg.coef_[0], float(reg.intercept_[0]), True
+    directions = [_direction(column, failed) for column in x.T]
     model = RiskModel(features=features, mean=mean.tolist(), scale=scale.tolist(), coef=np.asarray(coef).tolist(),
-                      intercept=intercept, C=float(C), fail_dice=float(fail_dice), fitted=fitted)
+                      intercept=intercept, C=float(C), fail_dice=float(fail_dice), fitted=fitted,
+                      directions=directions)
     risk = apply_risk(model, table)
     report = {"n_images": len(table), "n_failures": n_fail, "fitted": fitted,
               "val_auroc_in_sample": auroc(risk, failed),
               "coefficients": dict(zip(features, np.round(coef, 4).tolist()))}
     logger.info("risk model fitted on val: %s", report)
     return model, report
+
+
+def _direction(values: np.ndarray, failed: np.ndarray) -> int:
+    """-1 when lower values went with failure (AUROC < 0.5), else +1 (also when a class is empty)."""
+    score = auroc(values, failed)
+    return -1 if score is not None and score < 0.5 else 1
 
 
 def apply_risk(model: RiskModel, features) -> np.ndarray:
@@ -257,7 +268,7 @@ def load_risk_model(path) -> RiskModel:
         payload = json.loads(open(path).read())
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(path, f"cannot read the risk model ({err})") from err
-    keys = ("features", "mean", "scale", "coef", "intercept", "C", "fail_dice", "fitted")
+    keys = ("features", "mean", "scale", "coef", "intercept", "C", "fail_dice", "fitted", "directions")
     missing = [k for k in keys if k not in payload]
     if missing:
         raise InputError(path, f"missing key(s) {missing} (expected a risk.json written by rule fit_risk)")
@@ -281,20 +292,23 @@ def run_fit_risk(dataset_h5, val_inference_h5, val_crf_h5, calibration_h5, out_j
 # ----------------------------------------------------------------------------- evaluation
 
 
-def score_rankings(table: pd.DataFrame, risk: np.ndarray, fail_dice: float) -> pd.DataFrame:
-    """AUROC and average precision for ``dice < fail_dice`` of the risk and of every single feature.
+def score_rankings(table: pd.DataFrame, risk: np.ndarray, model: RiskModel, fail_dice: float) -> pd.DataFrame:
+    """AUROC and average precision for ``dice < fail_dice`` of the risk and of every single feature of FEATURES.
 
-    A feature where HIGHER means SAFER (the agreements, margin) is ranked by its negative, so every row
-    reads the same way: 1 = ranks all failures first, 0.5 = chance.
+    Each feature is read in its val direction (``model.directions``; a feature the model does not use
+    is read as higher = riskier), so 1 = ranks all failures first and 0.5 = chance on every row.
     """
     failed = table["dice"].to_numpy() < fail_dice
-    rows = [{"score": "risk", "auroc": auroc(risk, failed), "average_precision": average_precision(risk, failed)}]
+    direction = dict(zip(model.features, model.directions))
+    rows = [{"score": "risk", "direction": 1, "auroc": auroc(risk, failed),
+             "average_precision": average_precision(risk, failed)}]
     for name in FEATURES:
         if name in table:
-            s = table[name].to_numpy(np.float64) * (-1 if name in SAFER_WHEN_HIGH else 1)
-            rows.append({"score": name, "auroc": auroc(s, failed), "average_precision": average_precision(s, failed)})
+            sign = direction.get(name, 1)
+            s = sign * table[name].to_numpy(np.float64)
+            rows.append({"score": name, "direction": sign, "auroc": auroc(s, failed),
+                         "average_precision": average_precision(s, failed)})
     return pd.DataFrame(rows)
-
 
 
 def review_order(risk: np.ndarray, ids: Sequence[str]) -> np.ndarray:
@@ -383,18 +397,19 @@ def _fmt(value) -> str:
 def risk_markdown(table: pd.DataFrame, risk: np.ndarray, model: RiskModel, fail_dice: float) -> list[str]:
     """table.md lines: AUROC / average precision of the risk and of every feature, and the risk-coverage table."""
     failed = table["dice"].to_numpy() < fail_dice
-    rankings = score_rankings(table, risk, fail_dice)
+    rankings = score_rankings(table, risk, model, fail_dice)
     how = (f"L2 logistic regression (C = {model.C:g}) over {len(model.features)} standardised features, fitted on "
            "the val split only" if model.fitted else
            "NOT fitted (val had a single class): a constant, so it ranks nothing")
     lines = ["## Which images to send to review? Risk score and uncertainty features", "",
              f"{int(failed.sum())} of {len(table)} images have a final Dice < {fail_dice:g} (failure rate "
              f"{failed.mean():.3f}, the average precision of a random ranking). Risk = {how}. AUROC and average "
-             "precision of each score for ranking the failures first (0.5 = chance, 1 = perfect; features where "
-             f"higher means safer are ranked by their negative: {', '.join(SAFER_WHEN_HIGH)}):", "",
+             "precision of each score for ranking the failures first (0.5 = chance, 1 = perfect); a single feature "
+             "is read in the direction it had on val (lower = riskier where marked):", "",
              "| score | AUROC | average precision |", "|---|---|---|"]
     for row in rankings.itertuples():
         label = "**risk score**" if row.score == "risk" else FEATURE_LABELS[row.score]
+        label += " (lower = riskier)" if row.direction < 0 else ""
         lines.append(f"| {label} | {_fmt(row.auroc)} | {_fmt(row.average_precision)} |")
     coverage = risk_coverage(table["dice"], risk, table["id"])
     lines += ["", "Risk-coverage: mean Dice of the images kept when the riskiest fraction goes to review "
