@@ -10,7 +10,8 @@ import diffseg
 PACKAGE = Path(diffseg.__file__).parent
 # Stages that only read what every earlier stage wrote: nothing earlier may import them.
 LATER_STAGES = {"evaluate": {"figures"}, "figures": {"predict"}, "predict": set()}
-TORCH_FREE = ("h5io", "postprocess", "calibration", "uncertainty", "crf", "evaluate", "export", "metrics", "review")
+TORCH_FREE = ("h5io", "postprocess", "calibration", "uncertainty", "crf", "risk", "evaluate", "export", "metrics",
+              "review")
 
 
 def imports_of(path: Path) -> set[str]:

@@ -19,15 +19,13 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
-from skimage.color import rgb2gray
-from skimage.filters import threshold_otsu
 
 from diffseg import __version__
 from diffseg.atomic import atomic_path
 from diffseg.augment import PairedAugment
 from diffseg.data import load_split
 from diffseg.metrics import mask_metrics
+from diffseg.postprocess import OTSU_CHANNELS, otsu_segment
 from diffseg.runtime import resolve_device, resolve_dtype, to_model_range
 from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
 from diffseg.unet import SegUNet, count_parameters
@@ -36,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("otsu", "unet", "attention_unet")
 UNET_ATTENTION = {"unet": False, "attention_unet": True}
-OTSU_CHANNELS = ("gray", "red", "green", "blue", "value")
 CHECKPOINT_KIND = "baseline"
 PREDICT_BATCH = 64
 # the rest of the `baselines` config section, which predict_baseline accepts and ignores
@@ -50,41 +47,6 @@ def check_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- Otsu
-
-
-def channel_of(image: np.ndarray, channel: str) -> np.ndarray:
-    """One float channel of an RGB uint8 image, in [0, 1]; lesions are darker than skin in all of them."""
-    if channel not in OTSU_CHANNELS:
-        raise ValueError(f"Otsu channel must be one of {', '.join(OTSU_CHANNELS)}, got {channel!r}")
-    rgb = np.asarray(image)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"otsu_segment: image must be (H, W, 3), got shape {rgb.shape}")
-    rgb = rgb.astype(np.float32) / 255.0
-    if channel == "gray":
-        return rgb2gray(rgb)
-    if channel == "value":  # HSV value: max over RGB, robust to the lesion's hue
-        return rgb.max(axis=2)
-    return rgb[..., ("red", "green", "blue").index(channel)]
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
-
-
-def otsu_segment(image: np.ndarray, channel: str = "gray") -> np.ndarray:
-    """Lesion mask (H, W) bool: the darker side of Otsu's threshold, largest component, holes filled.
-
-    A channel without contrast has no threshold: the mask is empty.
-    """
-    values = channel_of(image, channel)
-    if values.min() == values.max():
-        return np.zeros(values.shape, bool)
-    dark = values <= threshold_otsu(values)
-    return ndimage.binary_fill_holes(largest_component(dark))
 
 
 def mean_dice(pred_masks: np.ndarray, truth_masks: np.ndarray) -> float:

@@ -26,6 +26,7 @@ from skimage.morphology import disk
 
 NORMALISE_METHODS = ("p99", "max", "none")
 CALIBRATION_METHODS = ("paper", "calibrated")
+OTSU_CHANNELS = ("gray", "red", "green", "blue", "value")
 
 
 # ----------------------------------------------------------------------------- normalise, binarize
@@ -142,12 +143,53 @@ def cleanup(mask: np.ndarray, *, closing_px: int, fill_holes: bool, largest_comp
         mask = ndimage.binary_closing(padded, structure=disk(closing_px))[pad:-pad, pad:-pad]
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
-    if largest_component and mask.any():
-        labels, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())[1:]
-            mask = labels == (1 + int(np.argmax(sizes)))
+    if largest_component:
+        mask = keep_largest_component(mask)
     return mask
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a bool mask (H, W); an empty or one-piece mask unchanged."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return np.asarray(mask, bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+# ----------------------------------------------------------------------------- Otsu (image, no model)
+
+
+def channel_of(image: np.ndarray, channel: str) -> np.ndarray:
+    """One float channel of an RGB uint8 image, in [0, 1]; lesions are darker than skin in all of them."""
+    from skimage.color import rgb2gray
+
+    if channel not in OTSU_CHANNELS:
+        raise ValueError(f"Otsu channel must be one of {', '.join(OTSU_CHANNELS)}, got {channel!r}")
+    rgb = np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"otsu_segment: image must be (H, W, 3), got shape {rgb.shape}")
+    rgb = rgb.astype(np.float32) / 255.0
+    if channel == "gray":
+        return rgb2gray(rgb)
+    if channel == "value":  # HSV value: max over RGB, robust to the lesion's hue
+        return rgb.max(axis=2)
+    return rgb[..., ("red", "green", "blue").index(channel)]
+
+
+def otsu_segment(image: np.ndarray, channel: str = "gray") -> np.ndarray:
+    """Lesion mask (H, W) bool: the darker side of Otsu's threshold, largest component, holes filled.
+
+    A channel without contrast has no threshold: the mask is empty. The Otsu baseline
+    (diffseg.baselines) and the risk score's agreement feature (diffseg.risk) both use it.
+    """
+    from skimage.filters import threshold_otsu
+
+    values = channel_of(image, channel)
+    if values.min() == values.max():
+        return np.zeros(values.shape, bool)
+    dark = values <= threshold_otsu(values)
+    return ndimage.binary_fill_holes(keep_largest_component(dark))
 
 
 def corrected_maps(maps: np.ndarray, cal: Calibration) -> np.ndarray:

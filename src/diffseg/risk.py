@@ -30,7 +30,7 @@ from diffseg.calibration import load_calibration
 from diffseg.h5io import check_split_attr, match_rows, open_h5, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import auroc, average_precision, dice
-from diffseg.postprocess import Calibration, apply_calibration
+from diffseg.postprocess import Calibration, apply_calibration, otsu_segment
 from diffseg.uncertainty import ambiguity_area, crf_disagreement, ged_paper
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,6 @@ def risk_features(image: np.ndarray, probabilities: np.ndarray, binary: np.ndarr
     CRF rounds; ``best_index``: the output chosen on val (best single timestep); ``centre``: the
     probability at the threshold (:func:`probability_centre`).
     """
-    from diffseg.baselines import otsu_segment  # baselines imports torch; only this feature needs it
-
     binary = np.asarray(binary, bool)
     fused = np.asarray(fused, bool)
     if binary.ndim != 3 or binary.shape[1:] != fused.shape or np.shape(probabilities) != binary.shape:
