@@ -12,7 +12,7 @@ import pytest
 from diffseg.calibration import Calibration, save_calibration
 from diffseg.imageio import InputError
 from diffseg.metrics import auroc, average_precision
-from diffseg.risk import (FEATURES, RiskModel, apply_risk, border_fraction, expected_calibration_error, fit_risk,
+from diffseg.risk import (FEATURES, apply_risk, border_fraction, expected_calibration_error, fit_risk,
                           load_risk_model, output_dice_spread, reliability_table, review_queue, risk_coverage,
                           risk_features, run_fit_risk, save_risk_model, score_rankings, soft_margin)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
@@ -45,7 +44,7 @@ FEATURE_LABELS = {
     "crf_disagreement": "CRF disagreement (fraction of pixels where the K rounds differ)",
     "lesion_area": "final mask area (fraction of the image)",
     "border_fraction": "fraction of the image border covered by the final mask",
-    "soft_margin": "mean |probability - threshold| of the soft maps (inside the outputs' union)",
+    "soft_margin": "mean distance of the soft maps from the threshold (inside the outputs' union)",
     "best_vs_fused_dice": "Dice of the best single output vs the final mask",
     "otsu_vs_fused_dice": "Dice of an Otsu segmentation of the image vs the final mask",
 }
