@@ -23,7 +23,7 @@ def test_second_run_with_six_shards_through_a_cluster_executor_is_bit_identical(
         with h5py.File(tiny_run / "results" / name) as one, h5py.File(wf / "results" / name) as four:
             for key in keys:
                 np.testing.assert_array_equal(one[key][...], four[key][...], err_msg=f"{name}:{key}")
-    for name in ["metrics/test.csv", "metrics/table.md", "uncertainty/test.csv"]:
+    for name in ["metrics/test.csv", "metrics/table.md", "metrics/review_queue.csv", "uncertainty/test.csv"]:
         assert (tiny_run / "results" / name).read_text() == (wf / "results" / name).read_text(), name
     pngs = sorted(p.name for p in (tiny_run / "results/crf/test_png").iterdir())
     assert pngs and pngs == sorted(p.name for p in (wf / "results/crf/test_png").iterdir())
