@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, figures, inference,
-                     postprocess, predict, train, unet)
+                     postprocess, predict, risk, train, unet)
 from diffseg.augment import PairedAugment
 from diffseg.schedule import linear_betas
 
@@ -41,7 +41,11 @@ CONSUMERS = {
                     postprocess.cleanup],
     "crf": [crf.CRFSettings],
     "baselines": [baselines.train_baseline, baselines.predict_baseline, unet.SegUNet],
-    "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks],
+    "risk": [risk.run_fit_risk, risk.fit_risk],
+    # rules fit_risk and risk_figures pass evaluate.fail_dice (the risk model's target)
+    "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks,
+                 *[(fn, {"fail_dice": "fail_dice"}) for fn in (risk.run_fit_risk, risk.fit_risk,
+                                                               figures.run_risk_figures)]],
     "figures": [figures.run_figures],
     "predict": [predict.write_predictions],
 }
