@@ -58,7 +58,7 @@ def test_review_queue_is_sorted_by_risk_and_carries_dice_only_where_present():
     table = pd.DataFrame({"id": ["b", "a", "c"], **{f: [0.1, 0.2, 0.3] for f in FEATURES}})
     queue = review_queue(table, np.array([0.5, 0.5, 0.9]))
     assert queue["id"].tolist() == ["c", "a", "b"] and queue["rank"].tolist() == [1, 2, 3]
-    assert list(queue.columns) == ["rank", "id", "risk", *FEATURES]
+    assert list(queue.columns) == ["rank", "sorted_by", "id", "risk", *FEATURES]
     with_truth = review_queue(table.assign(dice=[0.9, 0.8, 0.1]), np.array([0.1, 0.2, 0.3]))
     assert with_truth["dice"].tolist() == [0.1, 0.8, 0.9]
 

@@ -29,6 +29,7 @@ from diffseg.calibration import load_calibration
 from diffseg.h5io import check_split_attr, match_rows, open_h5, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import auroc, average_precision, dice
+from diffseg import review
 from diffseg.postprocess import Calibration, apply_calibration, otsu_segment
 from diffseg.uncertainty import ambiguity_area, crf_disagreement, ged_paper
 
@@ -333,21 +334,20 @@ def risk_coverage(dice_values: np.ndarray, risk: np.ndarray, ids: Sequence[str],
     return pd.DataFrame(rows)
 
 
+def _queue_table(table: pd.DataFrame, risk: np.ndarray) -> pd.DataFrame:
+    """id, risk, the features, and ``dice`` where the table has it: the review queue's columns."""
+    scores = table.assign(risk=np.asarray(risk, np.float64))
+    return scores[["id", "risk", *[f for f in FEATURES if f in scores], *(["dice"] if "dice" in scores else [])]]
+
+
 def review_queue(table: pd.DataFrame, risk: np.ndarray) -> pd.DataFrame:
-    """Every image, riskiest first: rank, id, risk, the features, and ``dice`` where the table has it."""
-    queue = table.assign(risk=np.asarray(risk, np.float64)).iloc[review_order(risk, table["id"])]
-    queue = queue.reset_index(drop=True)
-    queue.insert(0, "rank", np.arange(1, len(queue) + 1))
-    columns = ["rank", "id", "risk", *[f for f in FEATURES if f in queue], *(["dice"] if "dice" in queue else [])]
-    return queue[columns]
+    """Every image, riskiest first (diffseg.review's one ordering): rank, sorted_by, id, risk, features, dice."""
+    return review.review_queue(_queue_table(table, risk))
 
 
 def write_review_queue(path, table: pd.DataFrame, risk: np.ndarray) -> pd.DataFrame:
     """Write review_queue.csv (see :func:`review_queue`) and return it."""
-    queue = review_queue(table, risk)
-    with atomic_path(path) as tmp:
-        queue.to_csv(tmp, index=False)
-    return queue
+    return review.write_review_queue(_queue_table(table, risk), path)
 
 
 # ----------------------------------------------------------------------------- pixel-level reliability
