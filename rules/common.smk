@@ -70,12 +70,12 @@ PREDICT_MODEL = {"checkpoint": f"{P}/model/ddpm.pt", "calibration": f"{P}/model/
                  "manifest": f"{P}/model/manifest.json"}
 # Model artefacts that other rules save beside the calibration register here (bundle member name ->
 # path, names from diffseg.bundle.OPTIONAL_MEMBERS); rule export_bundle then waits for them and packs them.
-BUNDLE_OPTIONAL = {}
 DATA_NOTE = "synthetic demo data" if config["data_dir"] is None else ""
 SHARDS = config["shards"]
 ENV = "../envs/diffseg.yaml"
 CALIBRATION = f"{R}/calibration/calibration.h5"
 RISK_MODEL = f"{R}/calibration/risk.json"
+BUNDLE_OPTIONAL = {"risk.json": RISK_MODEL}
 SPLITS = config["inference"]["splits"]
 EVAL_SPLIT = config["evaluate"]["split"]
 BASELINES = config["baselines"]["methods"]

@@ -77,7 +77,10 @@ rule predict_outputs:
         h5=PREDICT_IMAGES,
         uncertainty=f"{R}/uncertainty/{PREDICT}.h5",
         crf=f"{R}/crf/{PREDICT}.h5",
+        inference=f"{R}/inference/{PREDICT}.h5",
+        calibration=PREDICT_MODEL["calibration"],
         manifest=PREDICT_MODEL["manifest"],
+        bundle=PREDICT_BUNDLE,
     output:
         masks=directory(f"{P}/masks"),
         maps=directory(f"{P}/maps"),

@@ -57,8 +57,10 @@ def test_predict_writes_one_original_size_mask_per_image_the_queue_and_the_sheet
         f"{n.split('.')[0]}_segmentation.png" for n in SIZES)
     queue = pd.read_csv(out / "review_queue.csv")
     assert sorted(queue["id"]) == ["NEW_0", "NEW_1", "NEW_2", "NEW_3"]
-    assert queue["rank"].tolist() == [1, 2, 3, 4] and set(queue["sorted_by"]) == {"ged"}
-    assert queue["ged"].is_monotonic_decreasing and queue["ged"].between(0, 1).all()
+    assert queue["rank"].tolist() == [1, 2, 3, 4] and set(queue["sorted_by"]) == {"risk"}
+    # the tiny run's bundle holds its risk model (fitted on val): the queue is sorted by that risk
+    assert queue["risk"].is_monotonic_decreasing and queue["risk"].between(0, 1).all()
+    assert queue["ged"].between(0, 1).all()
     assert (queue[["height", "width"]].to_numpy() == [SIZES_BY_ID[i] for i in queue["id"]]).all()
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.size[0] > 400 and sheet.size[1] > 200
@@ -117,7 +119,8 @@ def test_prediction_is_sharded_and_trains_its_own_bundle_when_none_is_given(tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = planned_jobs(run.stdout)
     assert jobs["noise_difference"] == 6  # 3 shards of val (for the calibration) + 3 of the new images
-    assert jobs["crf_fusion"] == 3 and jobs["uncertainty"] == 3  # only the new images: no table, no figures
-    for rule in ("train_ddpm", "calibrate", "export_bundle", "unpack_bundle", "prepare_images", "predict_outputs"):
+    # CRF on val too: the bundle's risk model (fit_risk) is fitted on val's fused masks; no table, no figures
+    assert jobs["crf_fusion"] == 6 and jobs["uncertainty"] == 3
+    for rule in ("train_ddpm", "calibrate", "fit_risk", "export_bundle", "unpack_bundle", "prepare_images", "predict_outputs"):
         assert jobs[rule] == 1, (rule, jobs)
     assert "evaluate" not in jobs and "figures" not in jobs and "train_baseline" not in jobs

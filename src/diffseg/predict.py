@@ -20,7 +20,9 @@ from diffseg.data import PREDICT
 from diffseg.h5io import match_rows, read_h5
 from diffseg.export import export_masks
 from diffseg.imageio import resize_float, write_grey_png
+from diffseg.bundle import optional_member
 from diffseg.review import write_review_queue
+from diffseg.risk import apply_risk, load_risk_model, split_features
 from diffseg.uncertainty import mask_free_scores
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,16 @@ def prediction_scores(images_h5, uncertainty_h5, crf_h5, split: str = PREDICT) -
     return scores, arrays
 
 
+def bundle_risk(bundle, images_h5, inference_h5, crf_h5, calibration_h5, ids, split: str = PREDICT) -> np.ndarray | None:
+    """Each image's risk (in ``ids``' order) from the bundle's risk model, or None when the bundle has none."""
+    text = optional_member(bundle, "risk.json")
+    if text is None:
+        return None
+    model = load_risk_model(f"{bundle}:risk.json", text)
+    features = split_features(images_h5, inference_h5, crf_h5, calibration_h5, split).set_index("id")
+    return apply_risk(model, features.loc[list(ids)])
+
+
 def write_uncertainty_maps(ids, arrays: dict, maps_dir: str | os.PathLike) -> None:
     """<id>_consistency.png (0..1 -> 0..255) and <id>_ambiguity.png (0..0.25 -> 0..255) at original size."""
     maps_dir = Path(maps_dir)
@@ -71,19 +83,24 @@ def _training_note(manifest_json) -> str:
 def write_predictions(images_h5: str | os.PathLike, uncertainty_h5: str | os.PathLike, crf_h5: str | os.PathLike,
                       image_dir: str | os.PathLike, masks_dir: str | os.PathLike, maps_dir: str | os.PathLike,
                       queue_csv: str | os.PathLike, sheet_png: str | os.PathLike, *, split: str = PREDICT,
-                      manifest_json: str | os.PathLike | None = None, sheet_images: int = 48,
-                      dpi: int = 120) -> dict:
+                      manifest_json: str | os.PathLike | None = None, risk_inputs: tuple | None = None,
+                      sheet_images: int = 48, dpi: int = 120) -> dict:
     """Masks at original size, uncertainty maps, review_queue.csv and the contact sheet (rule predict_outputs).
 
     ``image_dir`` is the folder the images came from (the contact sheet shows them at their own
     resolution); ``manifest_json`` is the unpacked bundle's manifest: a model trained on the synthetic
-    demo data says so on the sheet.
+    demo data says so on the sheet. ``risk_inputs`` = (bundle, inference_h5, calibration_h5): when the
+    bundle holds a risk model, each image's risk joins the queue, which is then sorted by it.
     """
     from diffseg.figures import draw_contact_sheet  # matplotlib: only for the sheet
 
     n = export_masks(images_h5, crf_h5, masks_dir, split=split)
     scores, arrays = prediction_scores(images_h5, uncertainty_h5, crf_h5, split)
     write_uncertainty_maps(scores["id"], arrays, maps_dir)
+    risk = None if risk_inputs is None else bundle_risk(risk_inputs[0], images_h5, risk_inputs[1], crf_h5,
+                                                        risk_inputs[2], scores["id"], split)
+    if risk is not None:
+        scores.insert(1, "risk", risk)
     scores["mask"] = [f"{Path(masks_dir).name}/{i}_segmentation.png" for i in scores["id"]]
     queue = write_review_queue(scores, queue_csv)
     draw_contact_sheet(queue.head(sheet_images), image_dir, masks_dir, sheet_png, n_total=len(queue),

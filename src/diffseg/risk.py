@@ -260,10 +260,11 @@ def save_risk_model(path, model: RiskModel, report: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def load_risk_model(path) -> RiskModel:
-    """Read risk.json back; a missing key or unknown feature is an error naming the file."""
+def load_risk_model(path, text: str | bytes | None = None) -> RiskModel:
+    """Read risk.json back (``text``: its content, already read, e.g. from a model bundle; ``path`` then names
+    where it came from); a missing key or unknown feature is an error naming the file."""
     try:
-        payload = json.loads(open(path).read())
+        payload = json.loads(open(path).read() if text is None else text)
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(path, f"cannot read the risk model ({err})") from err
     keys = ("features", "mean", "scale", "coef", "intercept", "C", "fail_dice", "fitted", "directions")

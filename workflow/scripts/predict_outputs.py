@@ -12,6 +12,7 @@ with log_to(snakemake.log[0]):
         snakemake.output.queue,
         snakemake.output.sheet,
         manifest_json=snakemake.input.manifest,
+        risk_inputs=(snakemake.input.bundle, snakemake.input.inference, snakemake.input.calibration),
         dpi=snakemake.params.dpi,
         **snakemake.params.cfg,
     )
