@@ -25,6 +25,9 @@ def check_config(cfg):
     for t in cfg["inference"]["timesteps"]:
         if t >= T:
             _fail("inference.timesteps", t, f"integers in [0, diffusion.T) = [0, {T})")
+    for t in cfg["features"]["teacher"]["timesteps"]:
+        if t >= T:
+            _fail("features.teacher.timesteps", t, f"integers in [0, diffusion.T) = [0, {T})")
     n_outputs = len(cfg["inference"]["timesteps"])
     if cfg["crf"]["subset_size"] > n_outputs:
         _fail("crf.subset_size", cfg["crf"]["subset_size"],
@@ -139,6 +142,27 @@ def baseline_checkpoint(wildcards):
 
 
 PREDICT_OUTPUTS = [f"{P}/masks", f"{P}/maps", f"{P}/review_queue.csv", f"{P}/contact_sheet.png"]
+
+
+FEATURE_HEAD = f"{R}/models/feature_head.pt"
+TEACHER_MASKS = f"{R}/features/teacher_masks.h5"
+if config["inference"]["method"] == "features":
+    BUNDLE_OPTIONAL["feature_head.pt"] = FEATURE_HEAD  # the model bundle carries the head
+
+
+def feature_head(wildcards):
+    """The head checkpoint, an input of the inference only for inference.method features."""
+    if config["inference"]["method"] != "features":
+        return []
+    if wildcards.split == PREDICT:
+        raise ConfigError("inference.method 'features' cannot predict from a model bundle yet: the bundle "
+                          "packs the head (feature_head.pt) but rule unpack_bundle does not unpack it")
+    return FEATURE_HEAD
+
+
+def head_targets(wildcards):
+    """DiffSeg's own train masks when the head learns from them (features.targets diffseg)."""
+    return TEACHER_MASKS if config["features"]["targets"] == "diffseg" else []
 
 
 def final_targets():

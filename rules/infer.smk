@@ -2,6 +2,7 @@ rule noise_difference:
     input:
         h5=split_dataset,
         checkpoint=split_checkpoint,
+        head=feature_head,
     output:
         shard_file("inference", "{split}", "{shard}"),
     params:

@@ -37,7 +37,7 @@ from diffseg.shards import shard_indices
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
-INFERENCE_METHODS = ("paper", "reconstruct")
+INFERENCE_METHODS = ("paper", "reconstruct", "features")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -258,10 +258,13 @@ def infer_batches(
     settings: InferenceSettings,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
+    head: tuple | None = None,
 ) -> int:
     """Difference maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count.
 
-    ``settings.method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference.
+    ``settings.method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference;
+    ``"features"``: diffseg.features.feature_maps with ``head`` = (FeatureHead, its config): lesion
+    probabilities, stored without normalisation.
     """
     from tqdm.auto import tqdm
 
@@ -275,11 +278,15 @@ def infer_batches(
             noise = draw_noise(batch_ids, s.seed, s.noise_draws, images.shape[1:])
             if s.method == "paper":
                 raw = noise_difference(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
+            elif s.method == "features":
+                from diffseg.features import feature_maps
+
+                raw = feature_maps(model, *head, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
             else:
                 raw = reconstruction_difference(model, schedule, images, s.timesteps, noise, steps=s.recon_steps,
                                                 compare=s.recon_compare, autocast_dtype=autocast_dtype)
             raw = raw.cpu().numpy()
-            processed = [postprocess_image(r, normalise=s.normalise, threshold=s.threshold) for r in raw]
+            processed = [postprocess_image(r, normalise=stored_normalise(s), threshold=s.threshold) for r in raw]
             out["maps"][done : done + len(batch)] = np.stack([p.maps for p in processed]).astype(np.float16)
             out["binary"][done : done + len(batch)] = np.stack([p.binary for p in processed])
             done += len(batch)
@@ -287,6 +294,24 @@ def infer_batches(
     if done != len(ids):
         raise RuntimeError(f"inference wrote {done} images but expected {len(ids)}")
     return done
+
+
+def stored_normalise(settings: InferenceSettings) -> str:
+    """The normalisation applied to the stored maps: none for the features method's probabilities."""
+    return "none" if settings.method == "features" else settings.normalise
+
+
+def _feature_head(method: str, head_checkpoint, checkpoint, timesteps: Sequence[int], device: torch.device):
+    """(head, its config) for method "features" (checked against the DDPM and the timesteps); None otherwise."""
+    if method != "features":
+        return None
+    from diffseg.features import check_head_timesteps, load_head
+
+    if head_checkpoint is None:
+        raise ValueError("inference.method 'features' needs the head checkpoint of rule train_feature_head")
+    head, head_cfg = load_head(head_checkpoint, checkpoint, device)
+    check_head_timesteps(head_cfg, timesteps, head_checkpoint)
+    return head, head_cfg
 
 
 def _batches(images: np.ndarray, batch_images: int) -> Iterable[np.ndarray]:
@@ -308,8 +333,12 @@ def run_inference(
     split: str = "test",
     shard: int = 0,
     n_shards: int = 1,
+    head_checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Difference maps (``settings.method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5.
+
+    ``settings.method="features"`` needs ``head_checkpoint`` (rule train_feature_head) and writes its
+    lesion probabilities (diffseg.features) in the same layout.
 
     Returns a summary. ``settings.compile`` wraps the model in torch.compile (worth it on a GPU for
     large splits; the first batch pays the compilation).
@@ -328,6 +357,7 @@ def run_inference(
     if s.compile:
         model = torch.compile(model)
     schedule = Schedule.from_config(cfg["diffusion"], dev)
+    head = _feature_head(s.method, head_checkpoint, checkpoint, timesteps, dev)
     logger.info("inference on %s, autocast %s, %d timesteps, %d noise draw(s)", dev, autocast_dtype or "fp32",
                 len(timesteps), s.noise_draws)
 
@@ -340,7 +370,7 @@ def run_inference(
     ids, images = [data["ids"][i] for i in rows], data["images"][rows]
     attrs = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": s.threshold,
-        "normalise": s.normalise, "noise_draws": s.noise_draws, "seed": s.seed, "method": s.method, "T": T,
+        "normalise": stored_normalise(s), "noise_draws": s.noise_draws, "seed": s.seed, "method": s.method, "T": T,
         "recon_steps": s.recon_steps, "recon_compare": s.recon_compare,
         "diffseg_version": diffseg.__version__, "split": split,
     }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
@@ -350,7 +380,7 @@ def run_inference(
     with (name_the_setting_on_oom("inference.batch_images", s.batch_images, oom_where),
           atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out):
         create_output(out, ids, timesteps, resolution, attrs)
-        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev)
+        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev, head=head)
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))
     return {"out_h5": str(out_h5), "n_images": n, "seconds": seconds, "device": str(dev),

@@ -193,6 +193,18 @@ class ConditionalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B,C,H,W), t (B,) long, y (B,) long -> predicted noise (B,C,H,W)."""
+        return self.forward_with_features(x, t, y, ())[0]
+
+    def forward_with_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                              blocks: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(predicted noise, outputs of the decoder blocks ``blocks``): the same noise as forward.
+
+        Decoder block k is ``self.up[k]`` (0 = deepest); its output is at that block's own resolution
+        (after its upsampling, if it has one). Used as per-pixel features (diffseg.features).
+        """
+        bad = [k for k in blocks if not 0 <= k < len(self.up)]
+        if bad:
+            raise ValueError(f"decoder blocks {bad} outside [0, {len(self.up)}) for this model")
         emb = self.time_embed(timestep_embedding(t, self.base_channels)) + self.label_embed(y)
         h = self.input_conv(x)
         skips = [h]
@@ -200,9 +212,16 @@ class ConditionalUNet(nn.Module):
             h = block(h, emb)
             skips.append(h)
         h = self.middle(h, emb)
-        for block in self.up:
+        features = {}
+        for k, block in enumerate(self.up):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+            if k in blocks:
+                features[k] = h
+        return self.out(h), [features[k] for k in blocks]
+
+    def decoder_channels(self) -> list[int]:
+        """Output channels of each decoder block (the feature widths forward_with_features returns)."""
+        return [block[0].out_norm.num_channels for block in self.up]
 
 
 def count_parameters(model: nn.Module) -> int:

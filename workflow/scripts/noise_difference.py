@@ -10,4 +10,5 @@ with log_to(snakemake.log[0]):
         split=snakemake.wildcards.split,
         shard=int(snakemake.wildcards.shard),
         n_shards=snakemake.params.n_shards,
+        head_checkpoint=snakemake.input.head or None,
     )

@@ -1,0 +1,376 @@
+"""Diffusion features (inference.method "features"): a small head on the frozen DDPM's decoder activations.
+
+After Baranchuk et al. (ICLR 2022, "Label-Efficient Semantic Segmentation with Diffusion Models"),
+in DiffSeg's spirit: for an image, a timestep t and a noise draw, x_t is formed once and the frozen
+class-conditional DDPM runs under the healthy (c0) and the lesion (c1) label. The head's per-pixel
+inputs, each switchable (``use_features``, ``use_difference``, ``use_noise``), are
+
+- the decoder activations under the lesion label, h(x_t, c1, t), of the chosen decoder blocks,
+  upsampled (bilinear) to the working resolution;
+- the feature difference |h(x_t, c0, t) - h(x_t, c1, t)|;
+- the noise difference of paper eq. 2, channel mean of |eps(x_t, c0, t) - eps(x_t, c1, t)|.
+
+The inputs are standardised per (timestep, channel) with statistics of the TRAIN split. One head
+(per-pixel MLP = 1x1 convolutions, or 3x3 convolutions) serves every timestep; it is trained by the
+one Trainer on the train split's masks (or on DiffSeg's own calibrated masks of the train split,
+``targets="diffseg"``, :func:`run_teacher_masks`), early-stopped on the val split's Dice. At inference
+each timestep gives one lesion-probability map, averaged over the noise draws: the same ``(T, H, W)``
+per image as the difference methods, so ``inference.h5`` and every later stage are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffseg import __version__
+from diffseg.atomic import atomic_path
+from diffseg.baselines import dice_bce_loss, mean_dice, schedule_for
+from diffseg.data import load_split
+from diffseg.ddpm import load_model
+from diffseg.imageio import InputError
+from diffseg.h5io import match_rows, read_h5, write_ids
+from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
+from diffseg.schedule import Schedule
+from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "feature_head"
+HEADS = ("mlp", "conv3x3")
+TARGETS = ("truth", "diffseg")
+LABELS = (0, 1)  # healthy c0, lesion c1
+
+
+# ----------------------------------------------------------------------------- the per-pixel inputs
+
+
+def check_inputs(use_features: bool, use_difference: bool, use_noise: bool) -> None:
+    if not (use_features or use_difference or use_noise):
+        raise ValueError("features: use_features, use_difference and use_noise are all false: the head has no input")
+
+
+def resolve_blocks(model, blocks: Sequence[int] | None) -> list[int]:
+    """The decoder blocks to read (None = all of them), checked against the model."""
+    n = len(model.decoder_channels())
+    chosen = list(range(n)) if blocks is None else [int(b) for b in blocks]
+    bad = [b for b in chosen if not 0 <= b < n]
+    if not chosen or bad:
+        raise ValueError(f"features.blocks {blocks} must be a non-empty list of decoder blocks in [0, {n}) "
+                         f"for this model (0 = deepest)")
+    return chosen
+
+
+def input_channels(model, blocks: Sequence[int], use_features: bool, use_difference: bool, use_noise: bool) -> int:
+    widths = sum(model.decoder_channels()[b] for b in blocks)
+    return widths * (int(use_features) + int(use_difference)) + int(use_noise)
+
+
+def feature_inputs(model, schedule: Schedule, images: torch.Tensor, timesteps: Sequence[int],
+                   eps: torch.Tensor, blocks: Sequence[int], *, use_features: bool = True,
+                   use_difference: bool = True, use_noise: bool = True,
+                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, T, C, H, W) float32 head inputs of images (B, 3, H, W) for one noise draw eps (B, 3, H, W).
+
+    One forward call holds every image x timestep x label (batch 2*B*T), c0 and c1 on the same x_t.
+    """
+    check_inputs(use_features, use_difference, use_noise)
+    b, _, h, w = images.shape
+    n_t, device = len(timesteps), images.device
+    t_flat = torch.as_tensor(list(timesteps), dtype=torch.long, device=device).repeat(b)  # image-major
+    x_t = schedule.q_sample(images.repeat_interleave(n_t, dim=0), t_flat, eps.to(images).repeat_interleave(n_t, dim=0))
+    y = torch.cat([torch.full((b * n_t,), label, dtype=torch.long, device=device) for label in LABELS])
+    with torch.inference_mode(), autocast(device, autocast_dtype):
+        pred, acts = model.forward_with_features(torch.cat([x_t, x_t]), torch.cat([t_flat, t_flat]), y, blocks)
+    parts = []
+    upsampled = [F.interpolate(a.float(), size=(h, w), mode="bilinear", align_corners=False) for a in acts]
+    h0, h1 = torch.cat(upsampled, dim=1).chunk(2)
+    if use_features:
+        parts.append(h1)
+    if use_difference:
+        parts.append((h0 - h1).abs())
+    if use_noise:
+        eps_c0, eps_c1 = pred.float().chunk(2)
+        parts.append((eps_c0 - eps_c1).abs().mean(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1).reshape(b, n_t, -1, h, w)
+
+
+def split_inputs(model, schedule: Schedule, ids: Sequence[str], images_uint8: np.ndarray,
+                 timesteps: Sequence[int], blocks: Sequence[int], *, seed: int, batch_images: int,
+                 device: torch.device, autocast_dtype: torch.dtype | None = None, use_features: bool = True,
+                 use_difference: bool = True, use_noise: bool = True) -> torch.Tensor:
+    """(N, T, C, R, R) float16 on the CPU: the head inputs of a whole split under noise draw 0 of each image."""
+    from diffseg.inference import draw_noise
+
+    out = []
+    for start in range(0, len(ids), batch_images):
+        images = to_model_range(images_uint8[start:start + batch_images], device)
+        eps = draw_noise(ids[start:start + batch_images], seed, 1, images.shape[1:])[:, 0]
+        out.append(feature_inputs(model, schedule, images, timesteps, eps.to(device), blocks,
+                                  use_features=use_features, use_difference=use_difference, use_noise=use_noise,
+                                  autocast_dtype=autocast_dtype).to("cpu", torch.float16))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+class FeatureHead(nn.Module):
+    """Standardise per (timestep, channel), then a per-pixel MLP (1x1 convs) or 3x3 convs -> one lesion logit."""
+
+    def __init__(self, in_channels: int, n_timesteps: int, kind: str = "mlp", hidden: int = 64, layers: int = 2):
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"features.head must be one of {HEADS}, got {kind!r}")
+        if layers < 1 or hidden < 1:
+            raise ValueError(f"features.layers and features.hidden must be >= 1, got {layers}, {hidden}")
+        self.register_buffer("mean", torch.zeros(n_timesteps, in_channels))
+        self.register_buffer("std", torch.ones(n_timesteps, in_channels))
+        k = 1 if kind == "mlp" else 3
+        stack: list[nn.Module] = []
+        cin = in_channels
+        for _ in range(layers):
+            stack += [nn.Conv2d(cin, hidden, k, padding=k // 2, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()]
+            cin = hidden
+        stack.append(nn.Conv2d(hidden, 1, 1))
+        self.net = nn.Sequential(*stack)
+
+    def set_standardisation(self, inputs: torch.Tensor) -> None:
+        """Per (timestep, channel) mean and std of (N, T, C, H, W) inputs (give the TRAIN split's)."""
+        total = torch.zeros(inputs.shape[1:3], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, len(inputs), 32):  # chunks: a float64 copy of the whole split would not fit
+            x = inputs[start:start + 32].double()
+            total += x.sum(dim=(0, 3, 4))
+            squares += x.square().sum(dim=(0, 3, 4))
+        count = inputs.shape[0] * inputs.shape[3] * inputs.shape[4]
+        mean = total / count
+        self.mean.copy_(mean.float())
+        self.std.copy_((squares / count - mean.square()).clamp_min(0).sqrt().float().clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) inputs of timestep index t_index (B,) -> logits (B, 1, H, W)."""
+        x = (x - self.mean[t_index][:, :, None, None]) / self.std[t_index][:, :, None, None]
+        return self.net(x)
+
+
+@torch.no_grad()
+def head_probabilities(head: FeatureHead, inputs: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """(N, T, H, W) float32 lesion probabilities of (N, T, C, H, W) inputs (any float dtype, any device)."""
+    n, n_t = inputs.shape[:2]
+    device = next(head.parameters()).device
+    flat = inputs.reshape(n * n_t, *inputs.shape[2:])
+    t_index = torch.arange(n_t, device=device).repeat(n)
+    out = [torch.sigmoid(head(flat[s:s + batch].to(device, torch.float32), t_index[s:s + batch]))[:, 0]
+           for s in range(0, n * n_t, batch)]
+    return torch.cat(out).reshape(n, n_t, *inputs.shape[3:]).float()
+
+
+def vote_dice(probabilities: torch.Tensor, masks: np.ndarray) -> float:
+    """Mean Dice of the majority vote of the T outputs (each probability > 0.5), the early-stopping score."""
+    votes = ((probabilities > 0.5).float().mean(dim=1) >= 0.5).cpu().numpy()
+    return mean_dice(votes, np.asarray(masks, bool))
+
+
+class InputSampler:
+    """Random (inputs, timestep index, mask) batches of (image, timestep) pairs from cached (N, T, C, R, R) inputs."""
+
+    def __init__(self, inputs: torch.Tensor, masks: np.ndarray, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"features.batch_size must be >= 1, got {batch_size}")
+        if len(inputs) != len(masks):
+            raise ValueError(f"{len(inputs)} input rows but {len(masks)} target masks")
+        self.inputs, self.batch_size = inputs, batch_size
+        self.masks = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))
+
+    def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+        n, n_t = self.inputs.shape[:2]
+        pick = torch.randint(0, n * n_t, (self.batch_size,), generator=generator)
+        rows, t_index = pick // n_t, pick % n_t
+        x = self.inputs[rows, t_index].to(device, torch.float32)
+        return x, t_index.to(device), self.masks[rows][:, None].to(device)
+
+
+# ----------------------------------------------------------------------------- training (rule train_feature_head)
+
+
+def read_targets(path: str | os.PathLike, ids: Sequence[str]) -> np.ndarray:
+    """(N, R, R) bool masks of ``ids`` from a teacher_masks.h5 file (:func:`run_teacher_masks`)."""
+    data = read_h5(path, ["masks"])
+    if str(data["attrs"].get("split", "train")) != "train":
+        raise InputError(path, f"teacher masks must be of the train split, got split {data['attrs'].get('split')!r}")
+    return data["masks"][match_rows(ids, data["ids"], path)].astype(bool)
+
+
+def train_feature_head(
+    dataset_h5: str | os.PathLike,
+    ddpm_checkpoint: str | os.PathLike,
+    head_checkpoint: str | os.PathLike,
+    log_csv: str | os.PathLike,
+    *,
+    timesteps: Sequence[int],
+    targets_h5: str | os.PathLike | None = None,
+    blocks: Sequence[int] | None = None,
+    use_features: bool = True,
+    use_difference: bool = True,
+    use_noise: bool = True,
+    head: str = "mlp",
+    hidden: int = 64,
+    layers: int = 2,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 0.001,
+    eval_every: int = 50,
+    patience: int = 4,
+    seed: int = 0,
+    noise_seed: int = 0,
+    batch_images: int = 16,
+    device: str = "auto",
+    precision: str = "auto",
+) -> dict:
+    """Fit the head on the TRAIN split (its masks, or ``targets_h5``'s DiffSeg masks of it); val Dice early-stops.
+
+    Nothing of the test split is read; the val split gives only the early-stopping score.
+    """
+    from diffseg.inference import check_timesteps, file_sha256
+
+    check_inputs(use_features, use_difference, use_noise)
+    dev = resolve_device(device)
+    autocast_dtype = resolve_autocast(dev, precision)
+    model, ddpm_cfg = load_model(ddpm_checkpoint, device=str(dev), use_ema=True)
+    timesteps = check_timesteps(timesteps, int(ddpm_cfg["diffusion"]["T"]))
+    blocks = resolve_blocks(model, blocks)
+    schedule = Schedule.from_config(ddpm_cfg["diffusion"], dev)
+    train, val = load_split(dataset_h5, "train"), load_split(dataset_h5, "val")
+    targets = train["masks"] if targets_h5 is None else read_targets(targets_h5, train["ids"])
+    switches = dict(use_features=use_features, use_difference=use_difference, use_noise=use_noise)
+    cached = {name: split_inputs(model, schedule, split["ids"], split["images"], timesteps, blocks, seed=noise_seed,
+                                 batch_images=batch_images, device=dev, autocast_dtype=autocast_dtype, **switches)
+              for name, split in (("train", train), ("val", val))}
+    config = {"image_size": int(train["images"].shape[1]), "timesteps": timesteps, "blocks": blocks, **switches,
+              "targets": "truth" if targets_h5 is None else "diffseg", "noise_seed": noise_seed,
+              "ddpm_sha256": file_sha256(ddpm_checkpoint)}
+    logger.info("head inputs: %d channels (blocks %s, %s) x %d timesteps; train %.0f MB, val %.0f MB",
+                cached["train"].shape[2], blocks, switches, len(timesteps),
+                *(c.numel() * 2 / 1e6 for c in cached.values()))
+    summary = fit_head(cached["train"], targets, cached["val"], val["masks"], head_checkpoint, log_csv, config,
+                       head=head, hidden=hidden, layers=layers, steps=steps, batch_size=batch_size, lr=lr,
+                       eval_every=eval_every, patience=patience, seed=seed, device=device, precision=precision)
+    return {**summary, "blocks": blocks, "train_images": len(train["ids"])}
+
+
+def fit_head(train_inputs: torch.Tensor, train_targets: np.ndarray, val_inputs: torch.Tensor, val_masks: np.ndarray,
+             head_checkpoint: str | os.PathLike, log_csv: str | os.PathLike, config: dict, *, head: str = "mlp",
+             hidden: int = 64, layers: int = 2, steps: int = 400, batch_size: int = 32, lr: float = 0.001,
+             eval_every: int = 50, patience: int = 4, seed: int = 0, device: str = "auto",
+             precision: str = "auto") -> dict:
+    """Train a FeatureHead on (N, T, C, R, R) train inputs and (N, R, R) targets with the one Trainer.
+
+    Standardisation and every gradient come from the train inputs; the val inputs and masks only score
+    the EMA head every ``eval_every`` steps (early stopping, best weights kept). ``config`` is stored in
+    the checkpoint beside the head's own settings.
+    """
+    spec = {"in_channels": int(train_inputs.shape[2]), "n_timesteps": int(train_inputs.shape[1]), "kind": head,
+            "hidden": hidden, "layers": layers}
+    if tuple(val_inputs.shape[1:3]) != tuple(train_inputs.shape[1:3]):
+        raise ValueError(f"val inputs {tuple(val_inputs.shape)} do not match train inputs {tuple(train_inputs.shape)}")
+    with seeded(seed):
+        net = FeatureHead(**spec)
+    net.set_standardisation(train_inputs)
+    config = {**config, "model": spec, "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                                 "eval_every": eval_every, "patience": patience, "seed": seed}}
+    sampler = InputSampler(train_inputs, train_targets, batch_size)
+
+    def val_score(ema_head: nn.Module) -> float:
+        return vote_dice(head_probabilities(ema_head, val_inputs), val_masks)
+
+    trainer = Trainer(
+        net, lambda m, batch, generator: dice_bce_loss(m(batch[0], batch[1]), batch[2]), sampler,
+        checkpoint=head_checkpoint, resume_path=resume_path_for(head_checkpoint), metrics_csv=log_csv, config=config,
+        steps=steps, lr=lr, weight_decay=1e-4, seed=seed, precision=precision, device=device,
+        evaluate=val_score, eval_every=eval_every, patience=patience, kind=CHECKPOINT_KIND, channels_last=False,
+        **schedule_for(steps),
+    )
+    return {**trainer.fit(), "in_channels": spec["in_channels"]}
+
+
+def load_head(checkpoint: str | os.PathLike, ddpm_checkpoint: str | os.PathLike,
+              device: torch.device) -> tuple[FeatureHead, dict]:
+    """(head with its best EMA weights in eval mode, its config); refuses a head trained on another DDPM."""
+    from diffseg.inference import file_sha256
+
+    ckpt = load_checkpoint(checkpoint, map_location="cpu", kind=CHECKPOINT_KIND)
+    cfg = ckpt["config"]
+    if cfg.get("ddpm_sha256") != file_sha256(ddpm_checkpoint):
+        raise CheckpointError(checkpoint, f"the head was trained on another DDPM than {ddpm_checkpoint}: retrain it "
+                                          "(rule train_feature_head)")
+    try:
+        net = FeatureHead(**cfg["model"])
+        net.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(checkpoint, f"config and weights do not build a FeatureHead "
+                                          f"({type(err).__name__}: {err})") from err
+    return net.to(device).eval(), cfg
+
+
+def check_head_timesteps(head_cfg: dict, timesteps: Sequence[int], checkpoint) -> None:
+    if [int(t) for t in timesteps] != list(head_cfg["timesteps"]):
+        raise CheckpointError(checkpoint, f"head trained for timesteps {head_cfg['timesteps']} but inference asks "
+                                          f"for {list(timesteps)}: retrain it (rule train_feature_head)")
+
+
+def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, images: torch.Tensor,
+                 timesteps: Sequence[int], noise: torch.Tensor,
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, T, H, W) float32: the head's lesion probability per timestep, averaged over the noise draws (B, D, 3, H, W)."""
+    switches = {k: head_cfg[k] for k in ("use_features", "use_difference", "use_noise")}
+    total = None
+    for d in range(noise.shape[1]):
+        inputs = feature_inputs(model, schedule, images, timesteps, noise[:, d].to(images.device),
+                                head_cfg["blocks"], autocast_dtype=autocast_dtype, **switches)
+        probs = head_probabilities(head, inputs)
+        total = probs if total is None else total + probs
+    return total / noise.shape[1]
+
+
+# ----------------------------------------------------------------------------- weak supervision (rule teacher_masks)
+
+
+def run_teacher_masks(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.PathLike, out_h5: str | os.PathLike,
+                      *, timesteps: Sequence[int], noise_draws: int, calibration: dict, seed: int = 0,
+                      batch_images: int = 16, device: str = "auto", precision: str = "auto") -> dict:
+    """DiffSeg's own calibrated masks of the TRAIN split (eq. 2 noise difference, calibration fitted on val).
+
+    The majority vote of the calibrated outputs per image, written as ``ids``, ``masks`` (N, R, R)
+    uint8 with attributes split="train", the calibration's val Dice and settings. No train mask is read.
+    """
+    from diffseg.calibration import load_calibration, run_calibrate
+    from diffseg.inference import InferenceSettings, run_inference
+    from diffseg.postprocess import apply_calibration, vote
+
+    settings = InferenceSettings(timesteps=timesteps, noise_draws=noise_draws, seed=seed, batch_images=batch_images,
+                                 device=device, precision=precision, method="paper")
+    with tempfile.TemporaryDirectory(dir=Path(out_h5).parent, prefix=".teacher-") as tmp:
+        for split in ("val", "train"):
+            run_inference(dataset_h5, ddpm_checkpoint, f"{tmp}/{split}.h5", settings, split=split)
+        report = run_calibrate(dataset_h5, f"{tmp}/val.h5", f"{tmp}/calibration.h5", **calibration)
+        cal = load_calibration(f"{tmp}/calibration.h5")
+        inf = read_h5(f"{tmp}/train.h5", ["maps"])
+        masks = np.stack([vote(apply_calibration(m, cal)[1]) for m in inf["maps"].astype(np.float32)])
+    with atomic_path(out_h5) as tmp_out, h5py.File(tmp_out, "w") as f:
+        write_ids(f, inf["ids"])
+        f.create_dataset("masks", data=masks.astype(np.uint8), compression="gzip")
+        f.attrs.update({"split": "train", "val_dice_vote": report["val_dice_vote"], "threshold": cal.threshold,
+                        "timesteps": list(timesteps), "noise_draws": noise_draws, "diffseg_version": __version__})
+    logger.info("teacher masks of %d train images (calibration val Dice %.3f) -> %s", len(masks),
+                report["val_dice_vote"], out_h5)
+    return {"n_images": len(masks), "val_dice_vote": report["val_dice_vote"], "lesion_fraction": float(masks.mean())}
