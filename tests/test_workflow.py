@@ -225,3 +225,27 @@ def test_time_budget_stop_then_a_larger_budget_reruns_and_resumes(tmp_path):
     final = torch.load(wf / target, weights_only=True)
     assert final["step"] == 6 and final["stopped_by"] is None
     assert not (wf / "results/models/ddpm.pt.resume.pt").exists()
+
+
+@pytest.mark.slow
+def test_tiny_run_with_the_features_method_on_diffseg_masks(tmp_path):
+    """inference.method features trains its head (on the teacher's masks) and the rest of the chain runs unchanged."""
+    wf = workflow_copy(tmp_path / "wf", {
+        "inference": {"timesteps": [20, 60, 100], "batch_images": 2, "method": "features", "noise_draws": 2},
+        "features": {"blocks": [1, 2], "hidden": 8, "steps": 4, "batch_size": 4, "eval_every": 2,
+                     "targets": "diffseg", "teacher": {"timesteps": [60, 100], "noise_draws": 1}},
+        "calibration": {"method": "calibrated"},
+        "baselines": {"methods": ["otsu"]},
+    })
+    run = snakemake(wf)
+    assert run.returncode == 0, run.stderr[-5000:]
+    results = wf / "results"
+    assert (results / "models/feature_head.pt").is_file() and (results / "features/teacher_masks.h5").is_file()
+    import h5py
+
+    with h5py.File(results / "inference/test.h5") as fh:
+        assert fh.attrs["method"] == "features" and list(fh["timesteps"][()]) == [20, 60, 100]
+    per_image = pd.read_csv(results / "metrics/test.csv")
+    assert len(per_image) > 0 and per_image["dice"].between(0, 1).all()
+    plan = snakemake(wf, "-n")
+    assert "Nothing to be done" in plan.stdout + plan.stderr
