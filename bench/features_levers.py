@@ -27,7 +27,7 @@ from diffseg.calibration import fit_calibration
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.features import FeatureHead, fit_head, head_probabilities, split_inputs
-from diffseg.inference import alpha_bar_tensor
+from diffseg.schedule import Schedule
 from diffseg.train import load_checkpoint
 
 # (name, timesteps, head settings and input switches); blocks None = all decoder blocks
@@ -43,12 +43,12 @@ LEVER_SETS = [
 ]
 
 
-def cached_inputs(model, alpha_bar, split: dict, name: str, t: int, out: Path, seed: int) -> torch.Tensor:
+def cached_inputs(model, schedule, split: dict, name: str, t: int, out: Path, seed: int) -> torch.Tensor:
     """(N, C, R, R) float16 inputs of one split at one timestep, all blocks, all inputs (cached on disk)."""
     path = out / f"{name}_t{t}.pt"
     if not path.exists():
         start = time.perf_counter()
-        x = split_inputs(model, alpha_bar, split["ids"], split["images"], [t], range(len(model.up)), seed=seed,
+        x = split_inputs(model, schedule, split["ids"], split["images"], [t], range(len(model.up)), seed=seed,
                          batch_images=32, device=torch.device("cpu"))[:, 0]
         torch.save(x, path)
         logging.info("cached %s t=%d %s in %.0f s", name, t, tuple(x.shape), time.perf_counter() - start)
@@ -104,9 +104,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     model, cfg = load_model(args.run / "models/ddpm.pt")
-    alpha_bar = alpha_bar_tensor(cfg["diffusion"], torch.device("cpu"))
+    schedule = Schedule.from_config(cfg["diffusion"])
     train, val = (load_split(args.run / "data/dataset.h5", s) for s in ("train", "val"))
-    cache = {(name, t): cached_inputs(model, alpha_bar, split, name, t, args.out, args.seed)
+    cache = {(name, t): cached_inputs(model, schedule, split, name, t, args.out, args.seed)
              for t in args.candidates for name, split in (("train", train), ("val", val))}
     widths = model.decoder_channels()
     for i, (name, timesteps, levers) in enumerate(LEVER_SETS):

@@ -38,6 +38,7 @@ from diffseg.baselines import dice_bce_loss, mean_dice, schedule_for
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.imageio import InputError
+from diffseg.inference import InferenceSettings, check_timesteps, draw_noise, file_sha256, run_inference
 from diffseg.h5io import match_rows, read_h5, write_ids
 from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
@@ -109,8 +110,6 @@ def split_inputs(model, schedule: Schedule, ids: Sequence[str], images_uint8: np
                  device: torch.device, autocast_dtype: torch.dtype | None = None, use_features: bool = True,
                  use_difference: bool = True, use_noise: bool = True) -> torch.Tensor:
     """(N, T, C, R, R) float16 on the CPU: the head inputs of a whole split under noise draw 0 of each image."""
-    from diffseg.inference import draw_noise
-
     out = []
     for start in range(0, len(ids), batch_images):
         images = to_model_range(images_uint8[start:start + batch_images], device)
@@ -241,8 +240,6 @@ def train_feature_head(
 
     Nothing of the test split is read; the val split gives only the early-stopping score.
     """
-    from diffseg.inference import check_timesteps, file_sha256
-
     check_inputs(use_features, use_difference, use_noise)
     dev = resolve_device(device)
     autocast_dtype = resolve_autocast(dev, precision)
@@ -306,8 +303,6 @@ def fit_head(train_inputs: torch.Tensor, train_targets: np.ndarray, val_inputs: 
 def load_head(checkpoint: str | os.PathLike, ddpm_checkpoint: str | os.PathLike,
               device: torch.device) -> tuple[FeatureHead, dict]:
     """(head with its best EMA weights in eval mode, its config); refuses a head trained on another DDPM."""
-    from diffseg.inference import file_sha256
-
     ckpt = load_checkpoint(checkpoint, map_location="cpu", kind=CHECKPOINT_KIND)
     cfg = ckpt["config"]
     if cfg.get("ddpm_sha256") != file_sha256(ddpm_checkpoint):
@@ -342,6 +337,23 @@ def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, i
     return total / noise.shape[1]
 
 
+def run_feature_inference(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.PathLike,
+                          head_checkpoint: str | os.PathLike, out_h5: str | os.PathLike,
+                          settings: InferenceSettings, *, split: str = "test", shard: int = 0,
+                          n_shards: int = 1) -> dict:
+    """inference.method features for one shard of a split -> out_h5, in the inference.h5 layout (run_inference)."""
+    if settings.method != "features":
+        raise ValueError(f"run_feature_inference needs inference.method 'features', got {settings.method!r}")
+    head, head_cfg = load_head(head_checkpoint, ddpm_checkpoint, resolve_device(settings.device))
+    check_head_timesteps(head_cfg, settings.timesteps, head_checkpoint)
+
+    def maps_fn(model, schedule, images, timesteps, noise, autocast_dtype):
+        return feature_maps(model, head, head_cfg, schedule, images, timesteps, noise, autocast_dtype)
+
+    return run_inference(dataset_h5, ddpm_checkpoint, out_h5, settings, split=split, shard=shard, n_shards=n_shards,
+                         maps_fn=maps_fn)
+
+
 # ----------------------------------------------------------------------------- weak supervision (rule teacher_masks)
 
 
@@ -354,7 +366,6 @@ def run_teacher_masks(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.P
     uint8 with attributes split="train", the calibration's val Dice and settings. No train mask is read.
     """
     from diffseg.calibration import load_calibration, run_calibrate
-    from diffseg.inference import InferenceSettings, run_inference
     from diffseg.postprocess import apply_calibration, vote
 
     settings = InferenceSettings(timesteps=timesteps, noise_draws=noise_draws, seed=seed, batch_images=batch_images,

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -258,13 +258,13 @@ def infer_batches(
     settings: InferenceSettings,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
-    head: tuple | None = None,
+    maps_fn: Callable | None = None,
 ) -> int:
     """Difference maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count.
 
     ``settings.method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference;
-    ``"features"``: diffseg.features.feature_maps with ``head`` = (FeatureHead, its config): lesion
-    probabilities, stored without normalisation.
+    ``"features"``: ``maps_fn(model, schedule, images, timesteps, noise, autocast_dtype)`` -> (B, T, H, W)
+    lesion probabilities (diffseg.features), stored without normalisation.
     """
     from tqdm.auto import tqdm
 
@@ -279,9 +279,7 @@ def infer_batches(
             if s.method == "paper":
                 raw = noise_difference(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
             elif s.method == "features":
-                from diffseg.features import feature_maps
-
-                raw = feature_maps(model, *head, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
+                raw = maps_fn(model, schedule, images, s.timesteps, noise, autocast_dtype)
             else:
                 raw = reconstruction_difference(model, schedule, images, s.timesteps, noise, steps=s.recon_steps,
                                                 compare=s.recon_compare, autocast_dtype=autocast_dtype)
@@ -299,19 +297,6 @@ def infer_batches(
 def stored_normalise(settings: InferenceSettings) -> str:
     """The normalisation applied to the stored maps: none for the features method's probabilities."""
     return "none" if settings.method == "features" else settings.normalise
-
-
-def _feature_head(method: str, head_checkpoint, checkpoint, timesteps: Sequence[int], device: torch.device):
-    """(head, its config) for method "features" (checked against the DDPM and the timesteps); None otherwise."""
-    if method != "features":
-        return None
-    from diffseg.features import check_head_timesteps, load_head
-
-    if head_checkpoint is None:
-        raise ValueError("inference.method 'features' needs the head checkpoint of rule train_feature_head")
-    head, head_cfg = load_head(head_checkpoint, checkpoint, device)
-    check_head_timesteps(head_cfg, timesteps, head_checkpoint)
-    return head, head_cfg
 
 
 def _batches(images: np.ndarray, batch_images: int) -> Iterable[np.ndarray]:
@@ -333,18 +318,21 @@ def run_inference(
     split: str = "test",
     shard: int = 0,
     n_shards: int = 1,
-    head_checkpoint: str | os.PathLike | None = None,
+    maps_fn: Callable | None = None,
 ) -> dict:
     """Difference maps (``settings.method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5.
 
-    ``settings.method="features"`` needs ``head_checkpoint`` (rule train_feature_head) and writes its
-    lesion probabilities (diffseg.features) in the same layout.
+    ``settings.method="features"`` runs through diffseg.features.run_feature_inference, which passes the
+    trained head as ``maps_fn`` and gets its lesion probabilities written in the same layout.
 
     Returns a summary. ``settings.compile`` wraps the model in torch.compile (worth it on a GPU for
     large splits; the first batch pays the compilation).
     """
     s = settings if settings is not None else InferenceSettings()
     check_shard(shard, n_shards)
+    if s.method == "features" and maps_fn is None:
+        raise ValueError("inference.method 'features' needs the trained head: run it through "
+                         "diffseg.features.run_feature_inference (rule train_feature_head makes the head)")
     if not Path(checkpoint).is_file():
         raise InputError(checkpoint, "checkpoint file not found")
     dev = resolve_device(s.device)
@@ -357,7 +345,6 @@ def run_inference(
     if s.compile:
         model = torch.compile(model)
     schedule = Schedule.from_config(cfg["diffusion"], dev)
-    head = _feature_head(s.method, head_checkpoint, checkpoint, timesteps, dev)
     logger.info("inference on %s, autocast %s, %d timesteps, %d noise draw(s)", dev, autocast_dtype or "fp32",
                 len(timesteps), s.noise_draws)
 
@@ -380,7 +367,8 @@ def run_inference(
     with (name_the_setting_on_oom("inference.batch_images", s.batch_images, oom_where),
           atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out):
         create_output(out, ids, timesteps, resolution, attrs)
-        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev, head=head)
+        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev,
+                          maps_fn=maps_fn)
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))
     return {"out_h5": str(out_h5), "n_images": n, "seconds": seconds, "device": str(dev),
