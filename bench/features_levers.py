@@ -87,7 +87,8 @@ def trial(name, timesteps, levers, cache, widths, train, val, out: Path, steps: 
     probs = head_probabilities(head.eval(), stack["val"]).numpy()
     _, report = fit_calibration(probs, val["masks"], timesteps, method="calibrated", bias=False, blur_sigma=1.0)
     return {"levers": name, "timesteps": timesteps, "blocks": blocks, "channels": len(index),
-            "val_vote_at_0.5": round(summary["best_metric"], 4), "val_calibrated_vote": round(report["val_dice_vote"], 4),
+            "val_vote_at_0.5": round(summary["best_metric"], 4),
+            "val_calibrated_vote": round(report["val_dice_vote"], 4),
             "head_steps": summary["steps"], "head_seconds": round(seconds)}
 
 

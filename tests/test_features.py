@@ -226,7 +226,8 @@ def test_inference_refuses_a_head_of_other_timesteps_or_another_ddpm(files, tmp_
         run_feature_inference(dataset_h5, ddpm, head, tmp_path / "a.h5", InferenceSettings(timesteps=[5, 30], **feat))
     other = write_ddpm(tmp_path / "other.pt", seed=1)
     with pytest.raises(CheckpointError, match="another DDPM"):
-        run_feature_inference(dataset_h5, other, head, tmp_path / "b.h5", InferenceSettings(timesteps=TIMESTEPS, **feat))
+        run_feature_inference(dataset_h5, other, head, tmp_path / "b.h5",
+                              InferenceSettings(timesteps=TIMESTEPS, **feat))
     with pytest.raises(ValueError, match="needs the trained head"):
         run_inference(dataset_h5, ddpm, tmp_path / "c.h5", InferenceSettings(timesteps=TIMESTEPS, **feat))
     assert not list(tmp_path.glob("[abc].h5"))

@@ -326,7 +326,10 @@ def check_head_timesteps(head_cfg: dict, timesteps: Sequence[int], checkpoint) -
 def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, images: torch.Tensor,
                  timesteps: Sequence[int], noise: torch.Tensor,
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(B, T, H, W) float32: the head's lesion probability per timestep, averaged over the noise draws (B, D, 3, H, W)."""
+    """(B, T, H, W) float32: the head's lesion probability per timestep, averaged over the noise draws.
+
+    ``noise`` is (B, D, 3, H, W), as diffseg.inference.draw_noise gives it.
+    """
     switches = {k: head_cfg[k] for k in ("use_features", "use_difference", "use_noise")}
     total = None
     for d in range(noise.shape[1]):
