@@ -88,6 +88,8 @@ GPU_RESOURCES = {
     "train_ddpm": {"gpu": 1, "mem_mb": 32000, "runtime": 480},
     "train_baseline": {"gpu": 1, "mem_mb": 16000, "runtime": 120},
     "noise_difference": {"gpu": 1, "mem_mb": 16000, "runtime": 60},
+    "teacher_masks": {"gpu": 1, "mem_mb": 16000, "runtime": 60},
+    "train_feature_head": {"gpu": 1, "mem_mb": 16000, "runtime": 60},  # holds the train split's inputs in memory
 }
 
 

@@ -14,7 +14,7 @@ rule teacher_masks:
         f"{R}/benchmarks/teacher_masks.tsv"
     threads: 2
     resources:
-        **GPU_RESOURCES,
+        **GPU_RESOURCES["teacher_masks"],
     conda:
         ENV
     script:
@@ -38,7 +38,7 @@ rule train_feature_head:
         f"{R}/benchmarks/train_feature_head.tsv"
     threads: 2
     resources:
-        **GPU_RESOURCES,
+        **GPU_RESOURCES["train_feature_head"],
     conda:
         ENV
     script:
