@@ -32,6 +32,14 @@ A3 = {**A2, "calibration": {**A2["calibration"], "blur_sigma": 1.0}}
 A4 = {**A3, "calibration": {**A3["calibration"], "closing_px": 1, "fill_holes": True, "largest_component": True}}
 A5 = {**A4, "inference": {**A4["inference"], "timesteps": [100, 200, 300, 400, 500]}}
 WITH_BIAS = {"calibration": {"bias": True}}
+CALIBRATED = {"method": "calibrated", "bias": False, "blur_sigma": 1.0, "closing_px": 1, "fill_holes": True,
+              "largest_component": True}
+NOISE_DIFFERENCE = {"inference": {"method": "paper", "timesteps": [100, 200, 300, 400, 500], "noise_draws": 4},
+                    "calibration": CALIBRATED, "crf": {"subset_size": 4}}
+FEATURE_HEAD = {"blocks": None, "use_features": True, "use_difference": True, "use_noise": True, "head": "mlp",
+                "targets": "truth"}
+FEATURES = {"inference": {"method": "features", "timesteps": [10, 25, 50], "noise_draws": 2},
+            "features": FEATURE_HEAD, "calibration": CALIBRATED, "crf": {"subset_size": 3}}
 
 # What each overlay's label claims, as changes to the base config it is added to.
 CLAIMS = {
@@ -49,6 +57,12 @@ CLAIMS = {
                                                           "recon_compare": "input", "noise_draws": 1}},
     "twins_biharmonic.yaml": {"prepare": {"inpaint": "biharmonic"}},
     "twins_pushpull.yaml": {"prepare": {"inpaint": "pushpull"}},
+    "noise_difference.yaml": NOISE_DIFFERENCE,
+    "features.yaml": FEATURES,
+    "features_no_difference.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "use_difference": False,
+                                                             "use_noise": False}},
+    "features_weak.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "targets": "diffseg", "teacher": {
+        "timesteps": [100, 200, 300, 400, 500], "noise_draws": 4}}},
 }
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, figures, inference,
-                     postprocess, predict, risk, train, unet)
+from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, features, figures,
+                     inference, postprocess, predict, risk, train, unet)
 from diffseg.augment import PairedAugment
 from diffseg.schedule import linear_betas
 
@@ -40,6 +40,7 @@ CONSUMERS = {
     "calibration": [calibration.run_calibrate, calibration.fit_calibration, postprocess.Calibration,
                     postprocess.cleanup],
     "crf": [crf.CRFSettings],
+    "features": [features.train_feature_head, features.fit_head, features.FeatureHead],
     "baselines": [baselines.train_baseline, baselines.predict_baseline, unet.SegUNet],
     "risk": [risk.run_fit_risk, risk.fit_risk],
     # rules fit_risk and risk_figures pass evaluate.fail_dice (the risk model's target)
@@ -54,6 +55,7 @@ PASSED_DIFFERENTLY = {
     "inference": {"splits"},  # the rule's split wildcard
     "baselines": {"methods"},  # which predict/train jobs exist
     "predict": {"images", "bundle"},  # the rules' inputs (rules/predict.smk)
+    "features": {"targets", "teacher"},  # rule teacher_masks (its inference settings); the head gets its file
 }
 
 

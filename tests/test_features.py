@@ -249,17 +249,3 @@ def test_teacher_masks_never_read_the_train_masks(files, tmp_path):
         assert np.array_equal(a["masks"][()], b["masks"][()])
     assert report["n_images"] == 8 and not list(tmp_path.glob(".teacher-*"))
 
-
-def test_keyword_defaults_equal_the_schema_defaults():
-    import inspect
-
-    import yaml
-
-    schema = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
-    properties = schema["properties"]["features"]["properties"]
-    defaults = {k: p.default for k, p in inspect.signature(train_feature_head).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    keys = set(properties) - {"targets", "teacher"}  # the rule turns these into targets_h5
-    assert keys <= set(defaults)
-    for key in keys:
-        assert defaults[key] == properties[key]["default"], key
