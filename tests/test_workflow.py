@@ -131,8 +131,9 @@ def test_tiny_run_end_to_end_then_nothing_to_do_then_crf_change_reruns_only_crf_
     (tiny_run / "changed.yaml").write_text(yaml.safe_dump(config))
     plan = snakemake(tiny_run, "-n", configfiles=("changed.yaml",))
     assert plan.returncode == 0, plan.stderr
+    # the risk model (fitted on val's CRF masks) changes, and with it the model bundle that packs it
     assert set(planned_jobs(plan.stdout)) == {"crf_fusion", "gather_crf", "export_masks", "fit_risk", "evaluate",
-                                              "figures", "risk_figures", "all"}
+                                              "figures", "risk_figures", "export_bundle", "all"}
 
 
 @pytest.mark.slow
