@@ -24,8 +24,8 @@ from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import METRICS, PNG_SUFFIX, aggregate, auroc, mask_metrics, score_png_pairs
 from diffseg.postprocess import binary_outputs, needs_maps
-from diffseg.risk import (apply_risk, expected_calibration_error, load_risk_model, reliability_table, risk_markdown,
-                          split_features, write_review_queue)
+from diffseg.risk import (apply_risk, expected_calibration_error, format_score, load_risk_model, reliability_table,
+                          risk_markdown, split_features, write_review_queue)
 from diffseg.uncertainty import consistency, ged_kohl, ged_paper, mask_free_scores
 
 logger = logging.getLogger(__name__)
@@ -212,16 +212,12 @@ def official_scores(folders: dict[str, Path], truth_files: dict[str, Path]) -> d
 # ----------------------------------------------------------------------------- table.md
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
-
-
 def _metric_rows(means: dict, best_t: dict, extra_columns=()) -> list[str]:
     """One markdown row per method: the metrics of ``means`` and then ``extra_columns`` (keys)."""
     lines = []
     for method, m in means.items():
         label = f"{method} (t = {best_t[method]}, chosen on val)" if method in best_t else method
-        cells = [_fmt(m[k]) for k in METRIC_HEADERS] + [_fmt(m.get(k)) for k in extra_columns]
+        cells = [format_score(m[k]) for k in METRIC_HEADERS] + [format_score(m.get(k)) for k in extra_columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -249,11 +245,11 @@ def _ged_line(means: dict, n_images: int, n_outputs: int) -> list[str]:
     """The paper path's mean GED beside the paper's (and the calibrated path's, when there is one)."""
     paper_final = PAPER_FINAL_METHOD if PAPER_FINAL_METHOD in means else FINAL_METHOD
     line = (f"Mean GED of the {n_outputs} outputs (paper eqs. 5-7) over {n_images} images, the paper's "
-            f"path: {_fmt(means[paper_final]['ged_paper'])} (the paper reports {PUBLISHED_GED:.2f})")
+            f"path: {format_score(means[paper_final]['ged_paper'])} (the paper reports {PUBLISHED_GED:.2f})")
     if paper_final != FINAL_METHOD:
-        line += f"; the calibrated path: {_fmt(means[FINAL_METHOD]['ged_paper'])}"
+        line += f"; the calibrated path: {format_score(means[FINAL_METHOD]['ged_paper'])}"
     line += (f". Standard GED (Kohl et al., outputs vs ground truth, d = 1 - IoU) of the configured path: "
-             f"{_fmt(means[FINAL_METHOD]['ged_kohl'])}.")
+             f"{format_score(means[FINAL_METHOD]['ged_kohl'])}.")
     return [line]
 
 
@@ -265,7 +261,7 @@ def _warning_section(final: pd.DataFrame, fail_dice: float) -> list[str]:
              "images (0.5 = chance, 1 = perfect; n/a when either group is empty):", "",
              "| uncertainty score | AUROC |", "|---|---|"]
     for column, label in UNCERTAINTY_SCORES.items():
-        lines.append(f"| {label} | {_fmt(auroc(final[column], failed))} |")
+        lines.append(f"| {label} | {format_score(auroc(final[column], failed))} |")
     return lines
 
 
@@ -313,7 +309,7 @@ def _calibration_lines(reliability: pd.DataFrame) -> list[str]:
             "Pixels binned by consistency (the fraction of outputs calling them lesion) against the fraction that "
             f"is lesion in the ground truth (reliability diagram: figures/reliability.png). Expected calibration "
             f"error over {int(reliability['n_pixels'].sum())} pixels, {len(reliability)} equal bins: "
-            f"{_fmt(expected_calibration_error(reliability))} (0 = calibrated)."]
+            f"{format_score(expected_calibration_error(reliability))} (0 = calibrated)."]
 
 
 def _risk_section(dataset_h5, eval_inference_h5, crf_h5, calibration_h5, risk_json, split: str, fail_dice: float,

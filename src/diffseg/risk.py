@@ -388,7 +388,8 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
 # ----------------------------------------------------------------------------- table.md section
 
 
-def _fmt(value) -> str:
+def format_score(value) -> str:
+    """A table cell: three decimals, or n/a for a missing or NaN value."""
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
@@ -408,11 +409,11 @@ def risk_markdown(table: pd.DataFrame, risk: np.ndarray, model: RiskModel, fail_
     for row in rankings.itertuples():
         label = "**risk score**" if row.score == "risk" else FEATURE_LABELS[row.score]
         label += " (lower = riskier)" if row.direction < 0 else ""
-        lines.append(f"| {label} | {_fmt(row.auroc)} | {_fmt(row.average_precision)} |")
+        lines.append(f"| {label} | {format_score(row.auroc)} | {format_score(row.average_precision)} |")
     coverage = risk_coverage(table["dice"], risk, table["id"])
     lines += ["", "Risk-coverage: mean Dice of the images kept when the riskiest fraction goes to review "
               "(oracle: the truly worst go; review_queue.csv lists every image, riskiest first):", "",
               "| sent to review | images kept | mean Dice kept | oracle mean Dice kept |", "|---|---|---|---|"]
-    lines += [f"| {row.reviewed_fraction:.0%} ({row.n_reviewed}) | {row.n_kept} | {_fmt(row.kept_mean_dice)} | "
-              f"{_fmt(row.oracle_mean_dice)} |" for row in coverage.itertuples()]
+    lines += [f"| {row.reviewed_fraction:.0%} ({row.n_reviewed}) | {row.n_kept} | {format_score(row.kept_mean_dice)} | "
+              f"{format_score(row.oracle_mean_dice)} |" for row in coverage.itertuples()]
     return lines
