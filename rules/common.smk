@@ -152,14 +152,15 @@ if config["inference"]["method"] == "features":
     BUNDLE_OPTIONAL["feature_head.pt"] = FEATURE_HEAD  # the model bundle carries the head
 
 
+if config["inference"]["method"] == "features":
+    PREDICT_MODEL["head"] = f"{P}/model/feature_head.pt"  # rule unpack_bundle unpacks it too
+
+
 def feature_head(wildcards):
     """The head checkpoint, an input of the inference only for inference.method features."""
     if config["inference"]["method"] != "features":
         return []
-    if wildcards.split == PREDICT:
-        raise ConfigError("inference.method 'features' cannot predict from a model bundle yet: the bundle "
-                          "packs the head (feature_head.pt) but rule unpack_bundle does not unpack it")
-    return FEATURE_HEAD
+    return PREDICT_MODEL["head"] if wildcards.split == PREDICT else FEATURE_HEAD
 
 
 def head_targets(wildcards):

@@ -10,6 +10,7 @@ import pytest
 
 from diffseg.bundle import (CALIBRATION, CHECKPOINT, MANIFEST, BundleError, bundle_settings, export_bundle,
                             load_bundle, optional_member, read_manifest, settings_mismatch)
+from diffseg.imageio import InputError
 from diffseg.calibration import Calibration, load_calibration, save_calibration
 from diffseg.ddpm import load_model
 from test_figures import DIFFUSION, R, TINY_MODEL, tiny_checkpoint
@@ -110,6 +111,32 @@ def test_optional_members_are_packed_when_present(run_files, tmp_path):
     assert optional_member(bundle, "feature_head.pt") is None
     with pytest.raises(ValueError, match="unknown optional bundle member 'typo.json'"):
         export_bundle(checkpoint, calibration, bundle, config=config(), optional={"typo.json": risk})
+
+
+def test_a_features_method_bundle_must_carry_its_head(run_files, tmp_path):
+    """The features method cannot predict without its head: export refuses to leave it out, reading refuses a
+    bundle that lacks it, and a complete one unpacks the head beside the DDPM."""
+    checkpoint, calibration = run_files
+    features = config(inference__method="features")
+    with pytest.raises(InputError, match="absent.pt: file not found .bundle member feature_head.pt"):
+        export_bundle(checkpoint, calibration, tmp_path / "b.zip", config=features,
+                      optional={"feature_head.pt": tmp_path / "absent.pt"})
+    assert not (tmp_path / "b.zip").exists()
+    head = tmp_path / "head.pt"
+    head.write_bytes(b"head weights")
+    bundle = tmp_path / "bundle.zip"
+    export_bundle(checkpoint, calibration, bundle, config=features, optional={"feature_head.pt": head})
+    load_bundle(bundle, tmp_path / "elsewhere", features)
+    assert (tmp_path / "elsewhere" / "feature_head.pt").read_bytes() == b"head weights"
+    headless = tmp_path / "headless.zip"
+    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(headless, "w") as dst:
+        manifest = json.loads(src.read(MANIFEST))
+        del manifest["members"]["feature_head.pt"]
+        dst.writestr(MANIFEST, json.dumps(manifest))
+        for name in (CHECKPOINT, CALIBRATION):
+            dst.writestr(name, src.read(name))
+    with pytest.raises(BundleError, match=r"headless.zip: incomplete bundle: member\(s\) \['feature_head.pt'\]"):
+        read_manifest(headless)
 
 
 def test_a_corrupt_member_is_refused_and_nothing_is_unpacked(run_files, tmp_path):

@@ -229,15 +229,17 @@ def test_time_budget_stop_then_a_larger_budget_reruns_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_with_the_features_method_on_diffseg_masks(tmp_path):
-    """inference.method features trains its head (on the teacher's masks) and the rest of the chain runs unchanged."""
-    wf = workflow_copy(tmp_path / "wf", {
+def test_tiny_run_with_the_features_method_on_diffseg_masks_then_its_bundle_predicts_elsewhere(tmp_path):
+    """inference.method features trains its head (on the teacher's masks), the rest of the chain runs unchanged,
+    and the model bundle (DDPM + head) predicts on images without masks in a folder that never trained."""
+    settings = {
         "inference": {"timesteps": [20, 60, 100], "batch_images": 2, "method": "features", "noise_draws": 2},
         "features": {"blocks": [1, 2], "hidden": 8, "steps": 4, "batch_size": 4, "eval_every": 2,
                      "targets": "diffseg", "teacher": {"timesteps": [60, 100], "noise_draws": 1}},
         "calibration": {"method": "calibrated"},
         "baselines": {"methods": ["otsu"]},
-    })
+    }
+    wf = workflow_copy(tmp_path / "wf", settings)
     run = snakemake(wf)
     assert run.returncode == 0, run.stderr[-5000:]
     results = wf / "results"
@@ -250,3 +252,20 @@ def test_tiny_run_with_the_features_method_on_diffseg_masks(tmp_path):
     assert len(per_image) > 0 and per_image["dice"].between(0, 1).all()
     plan = snakemake(wf, "-n")
     assert "Nothing to be done" in plan.stdout + plan.stderr
+
+    from test_predict import SIZES, unlabelled_images
+
+    clinic = workflow_copy(tmp_path / "clinic", settings)
+    images = unlabelled_images(tmp_path / "new_images")
+    bundle = results / "models/diffseg_bundle.zip"
+    (clinic / "predict.yaml").write_text(yaml.safe_dump({"predict": {"images": str(images), "bundle": str(bundle)}}))
+    run = snakemake(clinic, configfiles=("test.yaml", "predict.yaml"))
+    assert run.returncode == 0, run.stderr[-5000:]
+    model = clinic / "results/predict/model"
+    assert (model / "feature_head.pt").read_bytes() == (results / "models/feature_head.pt").read_bytes()
+    assert not (clinic / "results/models").exists()  # nothing was trained there
+    with h5py.File(clinic / "results/inference/predict.h5") as fh:
+        assert fh.attrs["method"] == "features"
+    masks = sorted(p.name for p in (clinic / "results/predict/masks").glob("*.png"))
+    assert masks == sorted(f"{name.split('.')[0]}_segmentation.png" for name in SIZES)
+    assert len(pd.read_csv(clinic / "results/predict/review_queue.csv")) == len(SIZES)

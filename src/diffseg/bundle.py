@@ -41,10 +41,11 @@ MANIFEST = "manifest.json"
 CHECKPOINT = "ddpm.pt"
 CALIBRATION = "calibration.h5"
 REQUIRED_MEMBERS = (CHECKPOINT, CALIBRATION)
+FEATURE_HEAD = "feature_head.pt"  # required too where inference.method is "features"
 # Model artefacts of other stages (risk model, features head); packed when the training run made them.
 OPTIONAL_MEMBERS = {
     "risk.json": "per-image risk model fitted on the val split (calibration/risk.json)",
-    "feature_head.pt": "features head checkpoint (models/feature_head.pt)",
+    FEATURE_HEAD: "features head checkpoint (models/feature_head.pt)",
 }
 # The inference settings the calibration was fitted on; prediction must use the same.
 INFERENCE_KEYS = ("method", "timesteps", "noise_draws", "normalise", "threshold", "recon_steps", "recon_compare")
@@ -54,6 +55,13 @@ _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member dates: the same content gives 
 
 class BundleError(InputError):
     """A bundle that cannot be used here; the message starts with its path."""
+
+
+def required_members(settings: dict) -> tuple[str, ...]:
+    """The members a bundle with these settings cannot predict without: the features method needs its head."""
+    if (settings.get("inference") or {}).get("method") == "features":
+        return (*REQUIRED_MEMBERS, FEATURE_HEAD)
+    return REQUIRED_MEMBERS
 
 
 # ----------------------------------------------------------------------------- settings
@@ -124,6 +132,8 @@ def write_bundle(out_zip: str | os.PathLike, checkpoint: str | os.PathLike, cali
             raise ValueError(f"unknown optional bundle member {name!r}; known: {sorted(OPTIONAL_MEMBERS)}")
         if Path(path).is_file():
             files[name] = Path(path)
+    for name in required_members(settings):
+        files.setdefault(name, Path((optional or {}).get(name, name)))
     for name, path in files.items():
         if not path.is_file():
             raise InputError(path, f"file not found (bundle member {name})")
@@ -216,9 +226,10 @@ def read_manifest(bundle_path: str | os.PathLike) -> dict:
     if manifest["format_version"] > FORMAT_VERSION:
         raise BundleError(bundle_path, f"bundle format {manifest['format_version']} is newer than this diffseg "
                           f"({diffseg.__version__}) reads (format {FORMAT_VERSION}): update diffseg")
-    absent = [m for m in (*REQUIRED_MEMBERS, *manifest["members"]) if m not in names]
-    if absent or any(m not in manifest["members"] for m in REQUIRED_MEMBERS):
-        raise BundleError(bundle_path, f"incomplete bundle: member(s) {sorted(set(absent) or set(REQUIRED_MEMBERS))} "
+    required = required_members(manifest["settings"])
+    absent = sorted({m for m in (*required, *manifest["members"]) if m not in names or m not in manifest["members"]})
+    if absent:
+        raise BundleError(bundle_path, f"incomplete bundle: member(s) {absent} "
                           "missing")
     return manifest
 
