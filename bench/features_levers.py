@@ -40,6 +40,11 @@ LEVER_SETS = [
     ("all inputs, last two decoder blocks, t 10 25 50", [10, 25, 50], {"blocks": "fine"}),
     ("all inputs, 3x3 head, t 10 25 50", [10, 25, 50], {"head": "conv3x3"}),
     ("all inputs, hidden 128, t 10 25 50", [10, 25, 50], {"hidden": 128}),
+    ("all inputs, 1200 steps, t 10 25 50", [10, 25, 50], {"steps": 1200}),
+    ("h(c1) only, 1200 steps, t 10 25 50", [10, 25, 50], {"use_difference": False, "use_noise": False,
+                                                          "steps": 1200}),
+    ("all inputs, 3x3 head, 1200 steps, t 10 25 50", [10, 25, 50], {"head": "conv3x3", "steps": 1200}),
+    ("all inputs, t 10 25", [10, 25], {}),
 ]
 
 
@@ -73,6 +78,7 @@ def trial(name, timesteps, levers, cache, widths, train, val, out: Path, steps: 
     blocks = levers.pop("blocks", None)
     blocks = list(range(len(widths)))[-2:] if blocks == "fine" else list(range(len(widths)))
     switches = {k: levers.pop(k) for k in ("use_features", "use_difference", "use_noise") if k in levers}
+    steps = levers.pop("steps", steps)
     index = channel_index(widths, blocks, **switches)
     stack = {s: torch.stack([cache[s, t].index_select(1, index) for t in timesteps], dim=1) for s in ("train", "val")}
     tag = f"{len(list(out.glob('head_*.pt'))):02d}"
