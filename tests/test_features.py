@@ -9,7 +9,7 @@ import torch
 
 import diffseg.features as features
 from diffseg.ddpm import build_model
-from diffseg.features import (FeatureHead, InputSampler, feature_inputs, fit_head, head_probabilities, input_channels,
+from diffseg.features import (FeatureHead, InputSampler, StreamedInputs, feature_inputs, fit_head, head_probabilities, input_channels,
                               load_head, resolve_blocks, run_feature_inference, run_teacher_masks, split_inputs,
                               train_feature_head)
 from diffseg.inference import InferenceSettings, noise_difference, run_inference
@@ -125,6 +125,35 @@ def test_split_inputs_are_deterministic_per_image():
     assert torch.equal(one, split_inputs(model, ab, ids, images, TIMESTEPS, [1], **kw))
     other_seed = split_inputs(model, ab, ids, images, TIMESTEPS, [1], **{**kw, "seed": 4})
     assert not torch.equal(one, other_seed)
+
+
+def test_streamed_inputs_are_the_cached_inputs():
+    """Inputs computed per read equal split_inputs' cached ones, for slices and for (row, timestep) batches."""
+    model, ab = tiny_model(), Schedule.from_config(DIFFUSION)
+    images = (np.random.default_rng(0).random((5, RES, RES, 3)) * 255).astype(np.uint8)
+    ids = ["a", "b", "c", "d", "e"]
+    kw = dict(seed=3, batch_images=2, device=torch.device("cpu"), use_noise=False)
+    cached = split_inputs(model, ab, ids, images, TIMESTEPS, [0, 1], **kw)
+    streamed = StreamedInputs(model, ab, ids, images, TIMESTEPS, [0, 1], **kw)
+    assert streamed.shape == tuple(cached.shape) and len(streamed) == 5
+    assert torch.equal(streamed[1:4], cached[1:4]) and torch.equal(streamed[:], cached)
+    rows, t_index = torch.tensor([4, 0, 4, 2, 1]), torch.tensor([1, 0, 0, 1, 1])
+    # one timestep per forward call here, all of them in split_inputs: equal up to float16 rounding
+    torch.testing.assert_close(streamed[rows, t_index], cached[rows, t_index], rtol=2e-3, atol=2e-3)
+
+
+def test_a_head_trained_on_streamed_inputs_is_the_cached_one(files, tmp_path):
+    """Over features.input_cache_mb the inputs are computed per batch: same values, so the same head."""
+    dataset_h5, ddpm = files
+    heads = {}
+    for name, cache_mb in (("cached", 8000), ("streamed", 1e-6)):
+        summary = train_feature_head(dataset_h5, ddpm, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv",
+                                     timesteps=TIMESTEPS, blocks=[1, 3], input_cache_mb=cache_mb, **HEAD_TRAINING)
+        assert summary["inputs_streamed"] == (name == "streamed")
+        heads[name] = load_checkpoint(tmp_path / f"{name}.pt")
+    assert heads["cached"]["best_metric"] == pytest.approx(heads["streamed"]["best_metric"], abs=0.01)
+    for key, value in heads["cached"]["ema"].items():  # equal up to the inputs' float16 rounding
+        torch.testing.assert_close(heads["streamed"]["ema"][key], value, rtol=1e-2, atol=1e-3, msg=key)
 
 
 # ----------------------------------------------------------------------------- the head

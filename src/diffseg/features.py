@@ -120,6 +120,57 @@ def split_inputs(model, schedule: Schedule, ids: Sequence[str], images_uint8: np
     return torch.cat(out)
 
 
+class StreamedInputs:
+    """The (N, T, C, R, R) head inputs of a split, computed from the frozen DDPM whenever they are read.
+
+    For splits whose inputs would not fit in memory (``features.input_cache_mb``; e.g. every decoder
+    block at 128 px: about 0.3 GB per image): the same float16 values as :func:`split_inputs` (noise
+    draw 0 of each image), so a head trained on them is the head a cached training gives, at the cost
+    of one DDPM forward call per batch. Reads: ``inputs[a:b]`` (every timestep of images a..b) and
+    ``inputs[rows, t_index]`` ((B, C, R, R), image rows[i] at timestep index t_index[i]).
+    """
+
+    def __init__(self, model, schedule: Schedule, ids: Sequence[str], images_uint8: np.ndarray,
+                 timesteps: Sequence[int], blocks: Sequence[int], *, seed: int, batch_images: int,
+                 device: torch.device, autocast_dtype: torch.dtype | None = None, use_features: bool = True,
+                 use_difference: bool = True, use_noise: bool = True):
+        self.model, self.schedule, self.ids, self.images = model, schedule, list(ids), images_uint8
+        self.timesteps, self.blocks, self.seed, self.batch_images = list(timesteps), list(blocks), seed, batch_images
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.switches = dict(use_features=use_features, use_difference=use_difference, use_noise=use_noise)
+        channels = input_channels(model, blocks, **self.switches)
+        self.shape = (len(self.ids), len(self.timesteps), channels, *images_uint8.shape[1:3])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _inputs(self, rows: np.ndarray, timesteps: Sequence[int]) -> torch.Tensor:
+        """(B, len(timesteps), C, R, R) float16 of images ``rows``, in batches of batch_images."""
+        out = []
+        for start in range(0, len(rows), self.batch_images):
+            part = rows[start:start + self.batch_images]
+            images = to_model_range(self.images[part], self.device)
+            eps = draw_noise([self.ids[r] for r in part], self.seed, 1, images.shape[1:])[:, 0]
+            out.append(feature_inputs(self.model, self.schedule, images, timesteps, eps.to(self.device), self.blocks,
+                                      autocast_dtype=self.autocast_dtype, **self.switches).to(torch.float16))
+        return torch.cat(out)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self._inputs(np.arange(len(self))[key], self.timesteps)
+        rows, t_index = (torch.as_tensor(k).cpu().numpy() for k in key)
+        out = torch.empty((len(rows), *self.shape[2:]), dtype=torch.float16, device=self.device)
+        for k in np.unique(t_index):  # one forward call per timestep present in the batch
+            pick = np.flatnonzero(t_index == k)
+            out[torch.as_tensor(pick, device=self.device)] = self._inputs(rows[pick], [self.timesteps[k]])[:, 0]
+        return out
+
+
+def input_megabytes(n_images: int, n_timesteps: int, channels: int, resolution: int) -> float:
+    """Memory of a split's cached float16 head inputs."""
+    return n_images * n_timesteps * channels * resolution * resolution * 2 / 1e6
+
+
 # ----------------------------------------------------------------------------- the head
 
 
@@ -143,14 +194,14 @@ class FeatureHead(nn.Module):
         stack.append(nn.Conv2d(hidden, 1, 1))
         self.net = nn.Sequential(*stack)
 
-    def set_standardisation(self, inputs: torch.Tensor) -> None:
+    def set_standardisation(self, inputs: torch.Tensor | StreamedInputs) -> None:
         """Per (timestep, channel) mean and std of (N, T, C, H, W) inputs (give the TRAIN split's)."""
         total = torch.zeros(inputs.shape[1:3], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        for start in range(0, len(inputs), 32):  # chunks: a float64 copy of the whole split would not fit
-            x = inputs[start:start + 32].double()
-            total += x.sum(dim=(0, 3, 4))
-            squares += x.square().sum(dim=(0, 3, 4))
+        for start in range(0, len(inputs), 4):  # chunks: a float copy of the whole split would not fit
+            x = inputs[start:start + 4].float()
+            total += x.sum(dim=(0, 3, 4)).cpu().double()  # float32 within a few images, float64 across
+            squares += x.square().sum(dim=(0, 3, 4)).cpu().double()
         count = inputs.shape[0] * inputs.shape[3] * inputs.shape[4]
         mean = total / count
         self.mean.copy_(mean.float())
@@ -163,15 +214,18 @@ class FeatureHead(nn.Module):
 
 
 @torch.no_grad()
-def head_probabilities(head: FeatureHead, inputs: torch.Tensor, batch: int = 64) -> torch.Tensor:
+def head_probabilities(head: FeatureHead, inputs: torch.Tensor | StreamedInputs, batch: int = 32) -> torch.Tensor:
     """(N, T, H, W) float32 lesion probabilities of (N, T, C, H, W) inputs (any float dtype, any device)."""
     n, n_t = inputs.shape[:2]
     device = next(head.parameters()).device
-    flat = inputs.reshape(n * n_t, *inputs.shape[2:])
-    t_index = torch.arange(n_t, device=device).repeat(n)
-    out = [torch.sigmoid(head(flat[s:s + batch].to(device, torch.float32), t_index[s:s + batch]))[:, 0]
-           for s in range(0, n * n_t, batch)]
-    return torch.cat(out).reshape(n, n_t, *inputs.shape[3:]).float()
+    images_per_batch = max(1, batch // n_t)
+    out = []
+    for start in range(0, n, images_per_batch):
+        chunk = inputs[start:start + images_per_batch]
+        t_index = torch.arange(n_t, device=device).repeat(len(chunk))
+        logits = head(chunk.reshape(-1, *chunk.shape[2:]).to(device, torch.float32), t_index)
+        out.append(torch.sigmoid(logits)[:, 0].reshape(len(chunk), n_t, *chunk.shape[3:]).float())
+    return torch.cat(out)
 
 
 def vote_dice(probabilities: torch.Tensor, masks: np.ndarray) -> float:
@@ -181,9 +235,10 @@ def vote_dice(probabilities: torch.Tensor, masks: np.ndarray) -> float:
 
 
 class InputSampler:
-    """Random (inputs, timestep index, mask) batches of (image, timestep) pairs from cached (N, T, C, R, R) inputs."""
+    """Random (inputs, timestep index, mask) batches of (image, timestep) pairs of (N, T, C, R, R) inputs
+    (cached, or StreamedInputs)."""
 
-    def __init__(self, inputs: torch.Tensor, masks: np.ndarray, batch_size: int):
+    def __init__(self, inputs: torch.Tensor | StreamedInputs, masks: np.ndarray, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"features.batch_size must be >= 1, got {batch_size}")
         if len(inputs) != len(masks):
@@ -231,6 +286,7 @@ def train_feature_head(
     eval_every: int = 50,
     patience: int = 4,
     seed: int = 0,
+    input_cache_mb: float = 8000,
     noise_seed: int = 0,
     batch_images: int = 16,
     device: str = "auto",
@@ -238,7 +294,9 @@ def train_feature_head(
 ) -> dict:
     """Fit the head on the TRAIN split (its masks, or ``targets_h5``'s DiffSeg masks of it); val Dice early-stops.
 
-    Nothing of the test split is read; the val split gives only the early-stopping score.
+    Nothing of the test split is read; the val split gives only the early-stopping score. The inputs of
+    both splits are computed once and held in memory when they take at most ``input_cache_mb``, and
+    otherwise computed from the DDPM per batch (:class:`StreamedInputs`: the same values, more DDPM calls).
     """
     check_inputs(use_features, use_difference, use_noise)
     dev = resolve_device(device)
@@ -250,19 +308,25 @@ def train_feature_head(
     train, val = load_split(dataset_h5, "train"), load_split(dataset_h5, "val")
     targets = train["masks"] if targets_h5 is None else read_targets(targets_h5, train["ids"])
     switches = dict(use_features=use_features, use_difference=use_difference, use_noise=use_noise)
-    cached = {name: split_inputs(model, schedule, split["ids"], split["images"], timesteps, blocks, seed=noise_seed,
-                                 batch_images=batch_images, device=dev, autocast_dtype=autocast_dtype, **switches)
+    channels = input_channels(model, blocks, **switches)
+    megabytes = input_megabytes(len(train["ids"]) + len(val["ids"]), len(timesteps), channels,
+                                int(train["images"].shape[1]))
+    streamed = megabytes > input_cache_mb
+    logger.info("head inputs: %d channels (blocks %s, %s) x %d timesteps, %.0f MB for train + val: %s", channels,
+                blocks, switches, len(timesteps), megabytes,
+                f"computed per batch (over features.input_cache_mb = {input_cache_mb:g})" if streamed
+                else "computed once and held in memory")
+    source = StreamedInputs if streamed else split_inputs
+    inputs = {name: source(model, schedule, split["ids"], split["images"], timesteps, blocks, seed=noise_seed,
+                           batch_images=batch_images, device=dev, autocast_dtype=autocast_dtype, **switches)
               for name, split in (("train", train), ("val", val))}
     config = {"image_size": int(train["images"].shape[1]), "timesteps": timesteps, "blocks": blocks, **switches,
               "targets": "truth" if targets_h5 is None else "diffseg", "noise_seed": noise_seed,
               "ddpm_sha256": file_sha256(ddpm_checkpoint)}
-    logger.info("head inputs: %d channels (blocks %s, %s) x %d timesteps; train %.0f MB, val %.0f MB",
-                cached["train"].shape[2], blocks, switches, len(timesteps),
-                *(c.numel() * 2 / 1e6 for c in cached.values()))
-    summary = fit_head(cached["train"], targets, cached["val"], val["masks"], head_checkpoint, log_csv, config,
+    summary = fit_head(inputs["train"], targets, inputs["val"], val["masks"], head_checkpoint, log_csv, config,
                        head=head, hidden=hidden, layers=layers, steps=steps, batch_size=batch_size, lr=lr,
                        eval_every=eval_every, patience=patience, seed=seed, device=device, precision=precision)
-    return {**summary, "blocks": blocks, "train_images": len(train["ids"])}
+    return {**summary, "blocks": blocks, "train_images": len(train["ids"]), "inputs_streamed": streamed}
 
 
 def fit_head(train_inputs: torch.Tensor, train_targets: np.ndarray, val_inputs: torch.Tensor, val_masks: np.ndarray,
