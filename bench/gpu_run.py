@@ -62,6 +62,7 @@ DRY_CONFIG = {
     "train": {"steps": 100000, "max_minutes": 0.25, "batch_size": 8, "warmup_steps": 5, "checkpoint_every": 10,
               "log_every": 2, "precision": "fp32", "compile": False, "device": "cpu"},
     "inference": {"batch_images": 4, "precision": "fp32", "device": "cpu"},
+    "features": {"hidden": 8, "steps": 20, "batch_size": 8, "eval_every": 10},
     "crf": {"rounds": 2, "subset_size": 2, "bilateral_sxy": 10},
     "baselines": {"base_channels": 4, "depth": 2, "steps": 100000, "max_minutes": 0.1, "batch_size": 8,
                   "eval_every": 10, "patience": 100, "precision": "fp32", "device": "cpu"},
