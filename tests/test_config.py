@@ -24,7 +24,7 @@ PAPER_TIMESTEPS = [60, 70, 80, 90, 100, 110, 120, 130, 140, 150]  # t = 60, 70, 
 PAPER = {"inference": {"method": "paper", "timesteps": PAPER_TIMESTEPS, "noise_draws": 1,
                        "normalise": "p99", "threshold": 0.5},
          "calibration": {"method": "paper"},
-         "crf": {"rounds": 3, "subset_size": 4}}
+         "crf": {"rounds": 3, "subset_size": 4, "bilateral_compat": 10}}
 NO_CLEANUP = {"blur_sigma": 0, "closing_px": 0, "fill_holes": False, "largest_component": False}
 A1 = {**PAPER, "calibration": {"method": "calibrated", "bias": False, **NO_CLEANUP}}
 A2 = {**A1, "calibration": {**A1["calibration"], "bias": True}}
@@ -63,6 +63,7 @@ CLAIMS = {
     "features.yaml": FEATURES,
     "features_no_difference.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "use_difference": False,
                                                              "use_noise": False}},
+    "crf_library_kernel.yaml": {"crf": {"bilateral_sxy": 20, "bilateral_compat": 10}},
     "features_weak.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "targets": "diffseg", "teacher": {
         "timesteps": [100, 200, 300, 400, 500], "noise_draws": 4}}},
 }
@@ -104,6 +105,7 @@ def test_paper_overlay_is_the_paper_on_either_base(base):
     assert cfg["inference"]["noise_draws"] == 1
     assert cfg["calibration"]["method"] == "paper"
     assert (cfg["crf"]["rounds"], cfg["crf"]["subset_size"]) == (3, 4)
+    assert (cfg["crf"]["bilateral_srgb"], cfg["crf"]["bilateral_compat"], cfg["crf"]["iterations"]) == (13, 10, 5)
     assert cfg["diffusion"] == {"T": 1000, "beta_start": 0.0001, "beta_end": 0.02}
     # kernel widths the paper does not give: the base's (pixels at its resolution), see paper.yaml
     assert cfg["crf"]["bilateral_sxy"] == resolved_config(base)["crf"]["bilateral_sxy"]
