@@ -63,6 +63,7 @@ CLAIMS = {
     "features.yaml": FEATURES,
     "features_no_difference.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "use_difference": False,
                                                              "use_noise": False}},
+    "features_conv3x3.yaml": {"features": {"head": "conv3x3"}},
     "crf_library_kernel.yaml": {"crf": {"bilateral_sxy": 20, "bilateral_compat": 10}},
     "features_weak.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "targets": "diffseg", "teacher": {
         "timesteps": [100, 200, 300, 400, 500], "noise_draws": 4}}},
