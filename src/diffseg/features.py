@@ -110,22 +110,18 @@ def split_inputs(model, schedule: Schedule, ids: Sequence[str], images_uint8: np
                  device: torch.device, autocast_dtype: torch.dtype | None = None, use_features: bool = True,
                  use_difference: bool = True, use_noise: bool = True) -> torch.Tensor:
     """(N, T, C, R, R) float16 on the CPU: the head inputs of a whole split under noise draw 0 of each image."""
-    out = []
-    for start in range(0, len(ids), batch_images):
-        images = to_model_range(images_uint8[start:start + batch_images], device)
-        eps = draw_noise(ids[start:start + batch_images], seed, 1, images.shape[1:])[:, 0]
-        out.append(feature_inputs(model, schedule, images, timesteps, eps.to(device), blocks,
-                                  use_features=use_features, use_difference=use_difference, use_noise=use_noise,
-                                  autocast_dtype=autocast_dtype).to("cpu", torch.float16))
-    return torch.cat(out)
+    source = StreamedInputs(model, schedule, ids, images_uint8, timesteps, blocks, seed=seed,
+                            batch_images=batch_images, device=device, autocast_dtype=autocast_dtype,
+                            use_features=use_features, use_difference=use_difference, use_noise=use_noise)
+    return source.read(np.arange(len(ids)), source.timesteps, out_device=torch.device("cpu"))
 
 
 class StreamedInputs:
     """The (N, T, C, R, R) head inputs of a split, computed from the frozen DDPM whenever they are read.
 
     For splits whose inputs would not fit in memory (``features.input_cache_mb``; e.g. every decoder
-    block at 128 px: about 0.3 GB per image): the same float16 values as :func:`split_inputs` (noise
-    draw 0 of each image), so a head trained on them is the head a cached training gives, at the cost
+    block at 128 px: about 0.3 GB per image): the float16 values :func:`split_inputs` holds (noise
+    draw 0 of each image; it reads them all through this class), so a head trained on them is the head a cached training gives, at the cost
     of one DDPM forward call per batch. Reads: ``inputs[a:b]`` (every timestep of images a..b) and
     ``inputs[rows, t_index]`` ((B, C, R, R), image rows[i] at timestep index t_index[i]).
     """
@@ -144,25 +140,27 @@ class StreamedInputs:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _inputs(self, rows: np.ndarray, timesteps: Sequence[int]) -> torch.Tensor:
-        """(B, len(timesteps), C, R, R) float16 of images ``rows``, in batches of batch_images."""
+    def read(self, rows: np.ndarray, timesteps: Sequence[int], out_device: torch.device | None = None) -> torch.Tensor:
+        """(B, len(timesteps), C, R, R) float16 of images ``rows``, in batches of batch_images, each batch
+        moved to ``out_device`` (default: the model's device) as it is made."""
         out = []
         for start in range(0, len(rows), self.batch_images):
             part = rows[start:start + self.batch_images]
             images = to_model_range(self.images[part], self.device)
             eps = draw_noise([self.ids[r] for r in part], self.seed, 1, images.shape[1:])[:, 0]
             out.append(feature_inputs(self.model, self.schedule, images, timesteps, eps.to(self.device), self.blocks,
-                                      autocast_dtype=self.autocast_dtype, **self.switches).to(torch.float16))
+                                      autocast_dtype=self.autocast_dtype, **self.switches)
+                       .to(out_device or self.device, torch.float16))
         return torch.cat(out)
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
-            return self._inputs(np.arange(len(self))[key], self.timesteps)
+            return self.read(np.arange(len(self))[key], self.timesteps)
         rows, t_index = (torch.as_tensor(k).cpu().numpy() for k in key)
         out = torch.empty((len(rows), *self.shape[2:]), dtype=torch.float16, device=self.device)
         for k in np.unique(t_index):  # one forward call per timestep present in the batch
             pick = np.flatnonzero(t_index == k)
-            out[torch.as_tensor(pick, device=self.device)] = self._inputs(rows[pick], [self.timesteps[k]])[:, 0]
+            out[torch.as_tensor(pick, device=self.device)] = self.read(rows[pick], [self.timesteps[k]])[:, 0]
         return out
 
 
