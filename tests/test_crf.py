@@ -7,7 +7,7 @@ from scipy import ndimage
 from diffseg.crf import CRFSettings, crf_fusion, dense_crf, run_crf
 from diffseg.export import export_masks, write_original_size_pngs
 from diffseg.imageio import InputError, read_mask
-from diffseg.seeding import image_rng
+from diffseg.seeding import content_key, image_rng
 
 
 def _dice(a, b):
@@ -143,9 +143,9 @@ def test_run_crf_outputs_and_thread_independence(tmp_path):
         assert one["rounds"].dtype == np.uint8 and one["rounds"].shape == (4, 3, 32, 32)
         for key in ("fused", "rounds"):
             np.testing.assert_array_equal(one[key][:], two[key][:])
-        # each image was fused with its own image and its own per-image rng
+        # each image was fused with its own image and its own rng, keyed by the image's content
         fused, per_round = crf_fusion(scenes[2][0], maps[2].astype(np.float16),
-                                      image_rng(5, IDS[2]), CRFSettings(rounds=3, subset_size=2))
+                                      image_rng(5, content_key(scenes[2][0])), CRFSettings(rounds=3, subset_size=2))
         np.testing.assert_array_equal(one["fused"][2], fused)
         np.testing.assert_array_equal(one["rounds"][2], per_round)
         for k, image_id in enumerate(IDS):
@@ -200,7 +200,7 @@ def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
         np.testing.assert_array_equal(calibrated["paper_fused"][:], paper["fused"][:])
         np.testing.assert_array_equal(calibrated["paper_rounds"][:], paper["rounds"][:])
         prob, _ = apply_calibration(maps[1].astype(np.float16), cal)
-        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, IDS[1]), CRFSettings(rounds=3, subset_size=2))
+        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, content_key(scenes[1][0])), CRFSettings(rounds=3, subset_size=2))
         np.testing.assert_array_equal(calibrated["fused"][1], fused)
 
 

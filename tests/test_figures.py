@@ -17,7 +17,7 @@ from diffseg.evaluate import FINAL_METHOD
 from diffseg.figures import (CASE_SIZE_IN, METHOD_SIZE_IN, SUMMARY_SIZE_IN, percentile_of, pick_cases,
                              predict_noise_pair, run_figures, score_caption)
 from diffseg.imageio import InputError
-from diffseg.inference import draw_noise, noise_difference
+from diffseg.inference import image_noise, noise_difference
 from diffseg.runtime import to_model_range
 from diffseg.schedule import Schedule
 from diffseg.train import save_checkpoint
@@ -138,10 +138,10 @@ def test_noise_panels_reproduce_the_inference_difference(tmp_path):
     net = tiny_checkpoint(tmp_path / "ddpm.pt")
     schedule = Schedule.from_config(DIFFUSION, torch.device("cpu"))
     image = np.random.default_rng(1).integers(0, 256, (R, R, 3), dtype=np.uint8)
-    eps = predict_noise_pair(net, schedule, image, "ISIC_0000007", 70, seed=3, noise_draws=1,
+    eps = predict_noise_pair(net, schedule, image, 70, seed=3, noise_draws=1,
                              device=torch.device("cpu"))
     assert eps.shape == (2, 3, R, R)
-    noise = draw_noise(["ISIC_0000007"], 3, 1, (3, R, R))
+    noise = image_noise(image[None], 3, 1)
     expected = noise_difference(net, schedule, to_model_range(image[None], torch.device("cpu")), [70], noise)
     figure_diff = np.abs(eps[0] - eps[1]).mean(axis=0)
     assert figure_diff.max() > 1e-3  # the labels really change the prediction

@@ -48,14 +48,17 @@ def schedule() -> Schedule:
     return Schedule.from_config(DIFFUSION)
 
 
-def write_dataset(path: Path, n: int = 7, res: int = RES, split: str = "test") -> list[str]:
-    """A dataset.h5 with one split, laid out as docs/ARCHITECTURE.md says."""
-    rng = np.random.default_rng(1)
-    ids = [f"ISIC_{i:07d}" for i in range(n)]
+def write_dataset(path: Path, n: int = 7, res: int = RES, split: str = "test", images: np.ndarray | None = None,
+                  ids: list[str] | None = None) -> list[str]:
+    """A dataset.h5 with one split, laid out as docs/ARCHITECTURE.md says (random images unless given)."""
+    if images is None:
+        images = np.random.default_rng(1).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+    n, res = len(images), images.shape[1]
+    ids = ids or [f"ISIC_{i:07d}" for i in range(n)]
     with h5py.File(path, "w") as fh:
         g = fh.create_group(split)
         g.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        g.create_dataset("images", data=rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8))
+        g.create_dataset("images", data=images)
         g.create_dataset("masks", data=np.zeros((n, res, res), dtype=np.uint8))
         g.create_dataset("orig_size", data=np.full((n, 2), res, dtype=np.int32))
         fh.attrs["resolution"] = res
@@ -255,6 +258,26 @@ def test_shards_gather_to_exactly_the_single_run(fake_ddpm, dataset, tmp_path):
     assert gathered_attrs == whole_attrs
     for key in whole:  # bit-identical: every image met the same batch mates
         np.testing.assert_array_equal(gathered[key], whole[key], err_msg=key)
+
+
+def test_renamed_and_reordered_images_get_identical_maps(fake_ddpm, dataset, tmp_path):
+    """The noise is keyed by each image's content: other names, another order and other shards change no map.
+
+    One image per batch: batch mates change float rounding (test_same_seed_identical_file_and_batch_size...).
+    """
+    path, ids = dataset
+    with h5py.File(path, "r") as fh:
+        images = fh["test/images"][()]
+    renamed = tmp_path / "renamed.h5"
+    write_dataset(renamed, images=images[::-1], ids=[f"new_{k}" for k in range(len(ids))])
+    run(path, fake_ddpm, tmp_path / "a.h5", batch_images=1, noise_draws=2)
+    for k in range(2):
+        run(renamed, fake_ddpm, tmp_path / f"b{k}.h5", batch_images=1, noise_draws=2, shard=k, n_shards=2)
+    a, _ = read_all(tmp_path / "a.h5")
+    b = [read_all(tmp_path / f"b{k}.h5")[0] for k in range(2)]
+    for key in ("maps", "binary"):
+        np.testing.assert_array_equal(np.concatenate([part[key] for part in b])[::-1], a[key], err_msg=key)
+    assert not np.array_equal(a["maps"][0], a["maps"][1])  # the maps do differ between images
 
 
 def test_timestep_out_of_range_names_the_key(fake_ddpm, dataset, tmp_path):

@@ -28,7 +28,7 @@ from diffseg.calibration import load_calibration
 from diffseg.h5io import decode_ids, match_rows, open_h5, require, write_ids
 from diffseg.imageio import InputError
 from diffseg.postprocess import PAPER, Calibration, apply_calibration
-from diffseg.seeding import image_rng
+from diffseg.seeding import content_key, image_rng
 from diffseg.shards import image_chunks
 
 logger = logging.getLogger(__name__)
@@ -147,13 +147,12 @@ def _fuse_chunk(job: tuple, *, dataset_h5, inference_h5, split, settings: CRFSet
     start, stop, rows = job
     results = [([], []) for _ in calibrations]
     with h5py.File(dataset_h5, "r") as data, h5py.File(inference_h5, "r") as inf:
-        ids = decode_ids(inf["ids"][start:stop])
-        for k, image_id in enumerate(ids):
+        for k in range(stop - start):
             image = data[split]["images"][rows[k]]
             maps = inf["maps"][start + k]
             for (fused, rounds), cal in zip(results, calibrations):
                 prob, _ = apply_calibration(maps, cal)
-                mask, per_round = crf_fusion(image, prob, image_rng(settings.seed, image_id), settings)
+                mask, per_round = crf_fusion(image, prob, image_rng(settings.seed, content_key(image)), settings)
                 fused.append(mask)
                 rounds.append(per_round)
     return [(np.stack(fused).astype(np.uint8), np.stack(rounds)) for fused, rounds in results]

@@ -25,7 +25,7 @@ from diffseg.atomic import atomic_path
 from diffseg.h5io import decode_ids, write_ids
 from diffseg.imageio import IMAGE_SUFFIXES, InputError, read_mask, read_rgb
 from diffseg.inpaint import METHODS, dilate_mask, remove_lesion
-from diffseg.seeding import image_seed
+from diffseg.seeding import content_key, image_seed
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def _add_healthy_twins(group: dict | None, dilate_px: int, method: str, seed: in
     """Add ``healthy`` and ``has_healthy`` to the train group (twin = the image where no skin is left)."""
     if group is None:
         return
-    items = [(img, mask, image_seed(seed, i)) for i, img, mask in zip(group["ids"], group["images"], group["masks"])]
+    items = [(img, mask, image_seed(seed, content_key(img))) for img, mask in zip(group["images"], group["masks"])]
     twins = _parallel(_twin_chunk, items, threads, f"healthy twins ({method})", dilate_px=dilate_px, method=method)
     for image_id, mask, twin in zip(group["ids"], group["masks"], twins):
         if twin is None:

@@ -38,7 +38,7 @@ from diffseg.baselines import dice_bce_loss, mean_dice, schedule_for
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.imageio import InputError
-from diffseg.inference import InferenceSettings, check_timesteps, draw_noise, file_sha256, run_inference
+from diffseg.inference import InferenceSettings, check_timesteps, file_sha256, image_noise, run_inference
 from diffseg.h5io import match_rows, read_h5, write_ids
 from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
@@ -147,7 +147,7 @@ class StreamedInputs:
         for start in range(0, len(rows), self.batch_images):
             part = rows[start:start + self.batch_images]
             images = to_model_range(self.images[part], self.device)
-            eps = draw_noise([self.ids[r] for r in part], self.seed, 1, images.shape[1:])[:, 0]
+            eps = image_noise(self.images[part], self.seed, 1)[:, 0]
             out.append(feature_inputs(self.model, self.schedule, images, timesteps, eps.to(self.device), self.blocks,
                                       autocast_dtype=self.autocast_dtype, **self.switches)
                        .to(out_device or self.device, torch.float16))

@@ -29,7 +29,7 @@ from diffseg.calibration import load_calibration
 from diffseg.evaluate import FINAL_METHOD
 from diffseg.h5io import match_rows, read_h5
 from diffseg.imageio import InputError
-from diffseg.inference import InferenceSettings, check_timesteps, draw_noise
+from diffseg.inference import InferenceSettings, check_timesteps, image_noise
 from diffseg.metrics import mask_metrics
 from diffseg.postprocess import binary_outputs, needs_maps
 from diffseg.risk import REVIEW_FRACTIONS, expected_calibration_error, risk_coverage
@@ -97,12 +97,12 @@ def load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split: str,
 # ----------------------------------------------------------------------------- the model panels
 
 
-def predict_noise_pair(model: torch.nn.Module, schedule: Schedule, image: np.ndarray, image_id: str, t: int,
+def predict_noise_pair(model: torch.nn.Module, schedule: Schedule, image: np.ndarray, t: int,
                        *, seed: int, noise_draws: int, device: torch.device,
                        autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """(2, 3, H, W): predicted noise under c0 and c1 on the x_t that inference used (its first noise draw)."""
     x0 = to_model_range(image[None], device)
-    noise = draw_noise([image_id], seed, noise_draws, tuple(x0.shape[1:]))[:, 0].to(device)
+    noise = image_noise(image[None], seed, noise_draws)[:, 0].to(device)
     t_batch = torch.full((2,), int(t), dtype=torch.long, device=device)
     x_t = schedule.q_sample(x0, t_batch[:1], noise)
     labels = torch.tensor([0, 1], dtype=torch.long, device=device)
@@ -395,7 +395,7 @@ def _method_pages(data: dict, chosen: list[str], checkpoint, settings: Inference
     written = []
     for i, image_id in enumerate(chosen):
         case = _case(data, i, image_id)
-        eps_pair = predict_noise_pair(model, schedule, case["image"], image_id, timesteps[t_index],
+        eps_pair = predict_noise_pair(model, schedule, case["image"], timesteps[t_index],
                                       seed=settings.seed, noise_draws=settings.noise_draws, device=device,
                                       autocast_dtype=autocast_dtype)
         out_png = Path(method_dir) / f"{image_id}.png"

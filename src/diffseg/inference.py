@@ -31,7 +31,7 @@ from diffseg.imageio import InputError
 from diffseg.postprocess import NORMALISE_METHODS, check_threshold, postprocess_image
 from diffseg.runtime import autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
-from diffseg.seeding import image_generator
+from diffseg.seeding import content_key, image_generator
 from diffseg.shards import shard_indices
 
 logger = logging.getLogger(__name__)
@@ -96,11 +96,17 @@ class InferenceSettings:
 # ----------------------------------------------------------------------------- the model passes
 
 
-def draw_noise(ids: Sequence[str], seed: int, noise_draws: int, shape: Sequence[int]) -> torch.Tensor:
-    """(B, D, *shape) standard normal noise; image i's draws come from image_generator(seed, ids[i])."""
+def draw_noise(keys: Sequence[str], seed: int, noise_draws: int, shape: Sequence[int]) -> torch.Tensor:
+    """(B, D, *shape) standard normal noise; row i's draws come from image_generator(seed, keys[i])."""
     return torch.stack(
-        [torch.randn((noise_draws, *shape), generator=image_generator(seed, image_id)) for image_id in ids]
+        [torch.randn((noise_draws, *shape), generator=image_generator(seed, key)) for key in keys]
     )
+
+
+def image_noise(images_uint8: np.ndarray, seed: int, noise_draws: int) -> torch.Tensor:
+    """(B, D, 3, H, W) noise of uint8 images (B, H, W, 3), each image's keyed by its content (not its name)."""
+    keys = [content_key(image) for image in images_uint8]
+    return draw_noise(keys, seed, noise_draws, (3, *images_uint8.shape[1:3]))
 
 
 def _check_noise(images: torch.Tensor, noise: torch.Tensor) -> tuple[int, ...]:
@@ -273,9 +279,8 @@ def infer_batches(
     done = 0
     with tqdm(total=len(ids), unit="img", mininterval=5, disable=not progress) as bar:
         for batch in image_batches:
-            batch_ids = ids[done : done + len(batch)]
             images = to_model_range(batch, device)
-            noise = draw_noise(batch_ids, s.seed, s.noise_draws, images.shape[1:])
+            noise = image_noise(batch, s.seed, s.noise_draws)
             if s.method == "paper":
                 raw = noise_difference(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
             elif s.method == "features":

@@ -1,4 +1,10 @@
-"""Per-image seeds: results must not depend on batch composition or shard count."""
+"""Per-image seeds: results must not depend on an image's name, batch composition or shard count.
+
+A stage that draws randomness for an image keys it by :func:`content_key` of the prepared image (the
+resized uint8 array, the same in evaluation and prediction), so the same image gets the same draws
+under any name, in any order. Only where no image exists yet (the synthetic demo renders one from its
+id) or the key is not an image (a training step) is a plain string the key.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,23 @@ import numpy as np
 import torch
 
 
-def image_seed(seed: int, image_id: str) -> int:
-    """A 63-bit seed derived from the run seed and the image id (stable across Python runs)."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+def content_key(image: np.ndarray) -> str:
+    """The image's identity: sha256 (hex) of its shape, dtype and bytes, whatever its name."""
+    image = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{image.shape}:{image.dtype.str}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def image_seed(seed: int, key: str) -> int:
+    """A 63-bit seed derived from the run seed and a key, usually :func:`content_key` (stable across Python runs)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def image_rng(seed: int, image_id: str) -> np.random.Generator:
-    return np.random.default_rng(image_seed(seed, image_id))
+def image_rng(seed: int, key: str) -> np.random.Generator:
+    return np.random.default_rng(image_seed(seed, key))
 
 
-def image_generator(seed: int, image_id: str) -> torch.Generator:
-    return torch.Generator().manual_seed(image_seed(seed, image_id))
+def image_generator(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(image_seed(seed, key))
