@@ -65,6 +65,7 @@ CLAIMS = {
                                                              "use_noise": False}},
     "features_conv3x3.yaml": {"features": {"head": "conv3x3"}},
     "crf_library_kernel.yaml": {"crf": {"bilateral_sxy": 20, "bilateral_compat": 10}},
+    "precision_fp32.yaml": {section: {"precision": "fp32"} for section in ("train", "inference", "baselines")},
     "features_weak.yaml": {**FEATURES, "features": {**FEATURE_HEAD, "targets": "diffseg", "teacher": {
         "timesteps": [100, 200, 300, 400, 500], "noise_draws": 4}}},
 }

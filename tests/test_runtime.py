@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffseg.runtime
 from diffseg.runtime import autocast, device_generator, resolve_autocast, resolve_device, resolve_dtype, to_model_range
 
 
@@ -24,8 +25,9 @@ def test_to_model_range_accepts_a_non_contiguous_numpy_slice():
     assert torch.equal(x, torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
 
 
-def test_precision_and_device_resolution():
+def test_precision_and_device_resolution(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(diffseg.runtime, "cpu_has_native_bf16", lambda: False)
     assert resolve_device("cpu") == cpu
     assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
@@ -38,6 +40,39 @@ def test_precision_and_device_resolution():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(cpu, torch.bfloat16):
         assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_cpu_capability_and_explicit_settings_win(monkeypatch, native):
+    monkeypatch.setattr(diffseg.runtime, "cpu_has_native_bf16", lambda: native)
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_autocast(cpu, "auto") == (torch.bfloat16 if native else None)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16 and resolve_dtype("auto", mps) == torch.float32
+    for device in (cpu, cuda):
+        assert resolve_dtype("fp32", device) == torch.float32 and resolve_autocast(device, "fp32") is None
+        assert resolve_dtype("bf16", device) == torch.bfloat16 and resolve_dtype("fp16", device) == torch.float16
+
+
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)])
+def test_native_bf16_means_avx512_bf16_or_amx(monkeypatch, flags):
+    avx512_bf16, amx = flags
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert diffseg.runtime.cpu_has_native_bf16() == (avx512_bf16 or amx)
+
+
+def test_a_torch_without_the_probes_counts_as_without_native_bf16(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert diffseg.runtime.cpu_has_native_bf16() is False
+
+
+def test_channels_last_on_cuda_and_cpu_only():
+    from diffseg.runtime import uses_channels_last
+
+    assert uses_channels_last(torch.device("cpu")) and uses_channels_last(torch.device("cuda:1"))
+    assert not uses_channels_last(torch.device("mps"))
 
 
 def test_device_generator_keeps_a_generator_on_its_device():

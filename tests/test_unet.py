@@ -103,6 +103,19 @@ def test_channels_last_matches_contiguous():
     assert torch.allclose(ref, out, atol=1e-5)
 
 
+def test_channels_last_gradients_match_contiguous_on_cpu():
+    """The Trainer trains channels_last on the CPU too: the gradients are the contiguous ones (float rounding)."""
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 300]), torch.tensor([0, 1])
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = _perturb_zero_init(ConditionalUNet(**TINY)).to(memory_format=memory_format)
+        model(x.contiguous(memory_format=memory_format), t, y).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("attention", [False, True])
 def test_segunet_shapes_and_gates(attention):
     model = SegUNet(base_channels=8, depth=2, attention=attention).eval()

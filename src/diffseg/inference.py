@@ -29,7 +29,8 @@ from diffseg.ddpm import load_model
 from diffseg.h5io import write_ids
 from diffseg.imageio import InputError
 from diffseg.postprocess import NORMALISE_METHODS, check_threshold, postprocess_image
-from diffseg.runtime import autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, to_model_range
+from diffseg.runtime import (autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, to_model_range,
+                             uses_channels_last)
 from diffseg.schedule import Schedule
 from diffseg.seeding import content_key, image_generator
 from diffseg.shards import shard_indices
@@ -148,7 +149,7 @@ def noise_difference(
             eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
             x_t = schedule.q_sample(x0_flat, t_flat, eps)
             x_in = torch.cat([x_t, x_t])
-            if device.type == "cuda":
+            if uses_channels_last(device):
                 x_in = x_in.contiguous(memory_format=torch.channels_last)
             with autocast(device, autocast_dtype):
                 pred = model(x_in, torch.cat([t_flat, t_flat]), y)
@@ -217,7 +218,7 @@ def _ddim_paths_step(model, schedule: Schedule, x, paths, k, b, y, autocast_dtyp
     active = now >= 0
     if not bool(active.any()):
         return x
-    x_in = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    x_in = x.contiguous(memory_format=torch.channels_last) if uses_channels_last(device) else x
     with autocast(device, autocast_dtype):
         eps = model(x_in, now.clamp(min=0), y).float()
     stepped = schedule.ddim_step(x.float(), eps, now.clamp(min=0), nxt)
@@ -345,7 +346,7 @@ def run_inference(
     model, cfg = load_model(checkpoint, device=str(dev), use_ema=True)
     T = int(cfg["diffusion"]["T"])
     timesteps = check_timesteps(s.timesteps, T)
-    if dev.type == "cuda":
+    if uses_channels_last(dev):
         model = model.to(memory_format=torch.channels_last)
     if s.compile:
         model = torch.compile(model)

@@ -21,12 +21,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), from its capability flags.
+
+    There bf16 autocast pays (training 4.3 -> 6.2 images/s measured on an AVX512-BF16 CPU); without,
+    bf16 is emulated and slower than fp32. A torch without these probes counts as without.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_dtype(precision: str, device: torch.device, key: str = "train.precision") -> torch.dtype:
-    """Autocast dtype: bf16 on CUDA for "auto", fp32 on CPU unless asked otherwise (``key`` names the setting)."""
+    """Autocast dtype (``key`` names the setting). "auto": bf16 on CUDA and on CPUs with native bf16
+    (:func:`cpu_has_native_bf16`), fp32 elsewhere; an explicit value is taken as given."""
     if precision not in PRECISIONS:
         raise ValueError(f"{key} must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native_bf16 else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -35,6 +47,12 @@ def resolve_autocast(device: torch.device, precision: str = "auto",
     """The autocast dtype of :func:`resolve_dtype`, or None where that is plain fp32 (no autocast)."""
     dtype = resolve_dtype(precision, device, key=key)
     return None if dtype == torch.float32 else dtype
+
+
+def uses_channels_last(device: torch.device) -> bool:
+    """Whether the models run channels_last on device: CUDA and CPU (oneDNN; same outputs as contiguous up to
+    float rounding), not MPS."""
+    return device.type in ("cuda", "cpu")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from diffseg import __version__
 from diffseg.atomic import atomic_path
 from diffseg.imageio import InputError
-from diffseg.runtime import name_the_setting_on_oom, resolve_device, resolve_dtype
+from diffseg.runtime import name_the_setting_on_oom, resolve_device, resolve_dtype, uses_channels_last
 from diffseg.seeding import image_seed
 
 logger = logging.getLogger(__name__)
@@ -206,8 +206,8 @@ class Trainer:
         self.evaluate, self.eval_every, self.patience, self.maximize = evaluate, eval_every, patience, maximize
         self.kind, self.batch_setting = kind, batch_setting  # batch_setting: the config key an OOM error names
         self.max_minutes, self.clock = max_minutes, clock  # clock: seconds, injectable for tests
-        on_cuda_cl = channels_last and self.device.type == "cuda"
-        self.memory_format = torch.channels_last if on_cuda_cl else torch.contiguous_format
+        use_cl = channels_last and uses_channels_last(self.device)
+        self.memory_format = torch.channels_last if use_cl else torch.contiguous_format
 
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
