@@ -200,7 +200,8 @@ def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
         np.testing.assert_array_equal(calibrated["paper_fused"][:], paper["fused"][:])
         np.testing.assert_array_equal(calibrated["paper_rounds"][:], paper["rounds"][:])
         prob, _ = apply_calibration(maps[1].astype(np.float16), cal)
-        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, content_key(scenes[1][0])), CRFSettings(rounds=3, subset_size=2))
+        fused, _ = crf_fusion(scenes[1][0], prob, image_rng(5, content_key(scenes[1][0])),
+                              CRFSettings(rounds=3, subset_size=2))
         np.testing.assert_array_equal(calibrated["fused"][1], fused)
 
 

@@ -304,6 +304,34 @@ def test_time_budget_stops_after_the_step_that_spends_it(tmp_path, caplog):
     assert "time budget of 2 min reached: training stopped at step 4 of 10" in caplog.text
 
 
+def test_progress_bar_counts_steps_or_the_budget_seconds():
+    from diffseg.train import advance_progress, progress_bar
+
+    steps = progress_bar("train ddpm", 600, 200, None)  # resumed at step 200
+    advance_progress(steps, 1e6, None)
+    assert (steps.total, steps.n, steps.unit) == (600, 201, "step")
+    steps.close()
+    budget = progress_bar("train ddpm", 10**9, 0, 3)  # 3 minutes, a step bound that would take hours
+    assert (budget.total, budget.n, budget.unit) == (180, 0, "s")
+    advance_progress(budget, 30.4, 3)
+    assert budget.n == pytest.approx(30.4) and "| 30/180 s [" in str(budget) and "3 min budget" in str(budget)
+    advance_progress(budget, 200.0, 3)  # the step that spends the budget ends past it
+    assert budget.n == 180 and "| 180/180 s [" in str(budget)
+    budget.close()
+
+
+def test_time_budget_bar_follows_the_trainers_clock(tmp_path, monkeypatch):
+    import diffseg.train
+
+    bars = []
+    real = diffseg.train.progress_bar
+    monkeypatch.setattr(diffseg.train, "progress_bar", lambda *args: bars.append(real(*args)) or bars[-1])
+    make_trainer(tmp_path, 10, name="bar", max_minutes=1.5, clock=FakeClock(20.0)).fit()
+    (bar,) = bars
+    assert bar.total == 90 and bar.n == 90 and bar.unit == "s"  # 5 steps of 20 s: the last one ends at 100 s
+    assert "step=5" in bar.postfix.split(", ")
+
+
 def test_time_budget_then_rerun_continues_to_the_uninterrupted_weights(tmp_path):
     reference = make_trainer(tmp_path, 10, name="ref")
     reference.fit()

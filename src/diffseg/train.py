@@ -122,6 +122,27 @@ def step_seed(seed: int, step: int) -> int:
     return image_seed(seed, f"train-step-{step}")
 
 
+def progress_bar(desc: str, steps: int, step: int, max_minutes: float | None) -> tqdm:
+    """The training loop's bar: over the steps, or with a time budget over its seconds.
+
+    With ``max_minutes`` the step bound is only a cap (often huge), so a bar over steps would promise
+    the wrong end (hours for a 3-minute budget); the budget's bar shows the seconds used of it and
+    the time left. :func:`advance_progress` moves either after each step.
+    """
+    if max_minutes is None:
+        return tqdm(total=steps, initial=step, mininterval=5, desc=desc, unit="step")
+    return tqdm(total=round(60.0 * max_minutes), mininterval=5, desc=f"{desc} ({max_minutes:g} min budget)",
+                unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
+
+
+def advance_progress(bar: tqdm, elapsed_s: float, max_minutes: float | None) -> None:
+    """One step done: a step bar moves by one, a budget bar to the seconds used (at most the budget)."""
+    if max_minutes is None:
+        bar.update(1)
+    else:
+        bar.update(min(elapsed_s, bar.total) - bar.n)
+
+
 def batch_size_of(batch: Any) -> int:
     """Images in a batch: the length of its first tensor (batch may be a tensor, sequence or dict)."""
     if isinstance(batch, torch.Tensor):
@@ -357,9 +378,9 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def out_of_time(self, start: float) -> bool:
-        """True once `max_minutes` of wall time (self.clock, seconds) have passed since `start`."""
-        return self.max_minutes is not None and self.clock() - start >= 60.0 * self.max_minutes
+    def out_of_time(self, elapsed_s: float) -> bool:
+        """True once `max_minutes` of wall time (self.clock, seconds) have passed."""
+        return self.max_minutes is not None and elapsed_s >= 60.0 * self.max_minutes
 
     def fit(self) -> dict:
         """Train to `steps` (or early stop, or the time budget), write the final checkpoint and CSV.
@@ -375,14 +396,15 @@ class Trainer:
         losses: list[torch.Tensor] = []
         window_images, window_start, window_first = 0, time.perf_counter(), self.step
         total_images, t0, budget_start = 0, time.perf_counter(), self.clock()
-        bar = tqdm(total=self.steps, initial=self.step, mininterval=5, desc=f"train {self.kind}", unit="step")
+        bar = progress_bar(f"train {self.kind}", self.steps, self.step, self.max_minutes)
         while self.step < self.steps and self.stopped_by is None:
             loss, n_images = self.train_step(self.step)
             losses.append(loss)
             window_images += n_images
             self.step += 1
-            bar.update(1)
-            out_of_time = self.out_of_time(budget_start)
+            elapsed_s = self.clock() - budget_start
+            advance_progress(bar, elapsed_s, self.max_minutes)
+            out_of_time = self.out_of_time(elapsed_s)
             if not (out_of_time or self.is_boundary(self.step)):
                 continue
             values = self.check_losses(losses, window_first)
@@ -391,7 +413,8 @@ class Trainer:
                    "images_per_s": window_images / max(elapsed, 1e-9)}
             self.rows.append(row)
             total_images += window_images
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}", refresh=False)
+            bar.set_postfix(step=self.step, loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
+                            refresh=False)
             if self.evaluate is not None and self.step % self.eval_every == 0 and self.run_evaluation():
                 self.stopped_by = "early_stopping"
             if out_of_time and self.stopped_by is None and self.step < self.steps:
