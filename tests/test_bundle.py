@@ -8,8 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from diffseg.bundle import (CALIBRATION, CHECKPOINT, MANIFEST, BundleError, bundle_settings, export_bundle,
-                            load_bundle, optional_member, read_manifest, settings_mismatch)
+from diffseg.bundle import (CALIBRATION, CHECKPOINT, MANIFEST, BundleError, export_bundle, load_bundle,
+                            optional_member, read_manifest)
 from diffseg.imageio import InputError
 from diffseg.calibration import Calibration, load_calibration, save_calibration
 from diffseg.ddpm import load_model
@@ -83,13 +83,6 @@ def test_a_bundle_that_does_not_match_the_config_is_refused_naming_the_differenc
         load_bundle(bundle, tmp_path / "out", config(**change))
     assert str(err.value).startswith(str(bundle)) and named in str(err.value)
     assert not (tmp_path / "out").exists()
-
-
-def test_settings_that_do_not_define_the_model_may_differ():
-    base = bundle_settings(config())
-    other = bundle_settings(config(inference__batch_images=64, inference__seed=5, prepare__dilate_px=9,
-                                   calibration__method="paper"))
-    assert settings_mismatch(base, other) == []
 
 
 def test_export_refuses_a_checkpoint_trained_with_another_config(run_files, tmp_path):

@@ -73,10 +73,38 @@ SIZES_BY_ID = {name.split(".")[0]: list(size) for name, size in SIZES.items()}
 
 
 @pytest.mark.slow
-def test_predict_uses_the_same_model_output_as_the_training_folder(prediction, tiny_run):
-    """The bundle's checkpoint is bit-identical to the training run's."""
-    wf, _ = prediction
-    assert (wf / "results/predict/model/ddpm.pt").read_bytes() == (tiny_run / "results/models/ddpm.pt").read_bytes()
+def test_prediction_equals_evaluation_under_other_names_order_and_shards(tiny_run, tmp_path):
+    """Issue 25: the evaluated test images, copied under other names whose order is reversed into another
+    folder and predicted from the exported bundle with 3 shards (evaluation ran 1), get bit-identical maps
+    and exactly the evaluated final masks (rule export_masks: results/crf/test_png, at the original size)."""
+    from diffseg.demo import IMAGE_DIR
+    from diffseg.h5io import read_h5
+
+    split = pd.read_csv(tiny_run / "results/data/split.csv")
+    test_ids = sorted(split.loc[split["split"] == "test", "id"])
+    new_name = {image_id: f"PATIENT_{len(test_ids) - k:02d}" for k, image_id in enumerate(test_ids)}
+    images = tmp_path / "clinic_images"
+    images.mkdir()
+    for image_id, name in new_name.items():
+        shutil.copy(tiny_run / "results/demo_data" / IMAGE_DIR / f"{image_id}.jpg", images / f"{name}.jpg")
+    wf = workflow_copy(tmp_path / "clinic")
+    bundle = tiny_run / "results/models/diffseg_bundle.zip"
+    (wf / "predict.yaml").write_text(yaml.safe_dump({"shards": 3, "predict": {"images": str(images),
+                                                                              "bundle": str(bundle)}}))
+    run = snakemake(wf, configfiles=("test.yaml", "predict.yaml"))
+    assert run.returncode == 0, run.stderr[-5000:]
+
+    evaluated = read_h5(tiny_run / "results/inference/test.h5", ["maps"])
+    predicted = read_h5(wf / "results/inference/predict.h5", ["maps"])
+    assert predicted["ids"] == sorted(new_name.values()) == [new_name[i] for i in reversed(test_ids)]
+    for image_id in test_ids:
+        np.testing.assert_array_equal(predicted["maps"][predicted["ids"].index(new_name[image_id])],
+                                      evaluated["maps"][evaluated["ids"].index(image_id)], err_msg=image_id)
+    final = [(read_mask(tiny_run / f"results/crf/test_png/{image_id}_segmentation.png"),
+              read_mask(wf / f"results/predict/masks/{new_name[image_id]}_segmentation.png")) for image_id in test_ids]
+    for image_id, (mask, prediction) in zip(test_ids, final):
+        np.testing.assert_array_equal(prediction, mask, err_msg=image_id)
+    assert len({mask.tobytes() for mask, _ in final}) > 1  # the images' masks differ: not a constant answer
 
 
 @pytest.mark.slow
