@@ -21,7 +21,8 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from diffseg.crf import CRFSettings, run_crf
+from diffseg.crf import run_crf
+from diffseg.settings import CRFSettings
 
 
 def synthetic_inputs(folder: Path, n_images: int, size: int, n_maps: int, orig_size: int) -> None:

@@ -21,9 +21,10 @@ import h5py
 import numpy as np
 import torch
 
-from diffseg.inference import DEFAULT_TIMESTEPS, InferenceSettings, check_timesteps, create_output, infer_batches
+from diffseg.inference import check_timesteps, create_output, infer_batches
 from diffseg.runtime import resolve_autocast, resolve_device
 from diffseg.schedule import Schedule
+from diffseg.settings import DEFAULT_TIMESTEPS, InferenceSettings
 
 def load(args, device: torch.device):
     """(model, diffusion config, image size) from --checkpoint, or the default model with random weights."""

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, features, figures,
-                     inference, postprocess, predict, risk, train, unet)
+from diffseg import (calibration, data, ddpm, demo, evaluate, export, features, figures, postprocess, predict, risk,
+                     settings, unet)
 from diffseg.augment import PairedAugment
 from diffseg.schedule import linear_betas
 
@@ -26,22 +26,22 @@ SECTIONS = {name: spec for name, spec in yaml.safe_load(SCHEMA.read_text())["pro
 # mapping is complete (a consumer that takes a key under another name is checked for those keys only)
 CONSUMERS = {
     "demo": [demo.make_demo_dataset],
-    "prepare": [data.prepare_dataset, data.write_preview,
+    "prepare": [settings.PrepareSettings, data.write_preview,
                 (data.prepare_images, {"resolution": "resolution", "on_bad_file": "on_bad_file"})],
     "augment": [PairedAugment],
     "diffusion": [linear_betas, ddpm.DIFFUSION_DEFAULTS],
     "model": [unet.ConditionalUNet, ddpm.MODEL_DEFAULTS, ddpm.PairSampler],
-    "train": [ddpm.TRAIN_DEFAULTS, train.Trainer],
-    "inference": [inference.InferenceSettings, postprocess.postprocess_image, postprocess.binarize,
+    "train": [settings.TrainSettings],
+    "inference": [settings.InferenceSettings, postprocess.postprocess_image, postprocess.binarize,
                   (postprocess.normalise, {"normalise": "method"}),
                   # rule calibrate passes inference.threshold (their 'method' is calibration.method)
                   *[(fn, {"threshold": "threshold"}) for fn in (postprocess.Calibration, calibration.fit_calibration,
                                                                  calibration.run_calibrate)]],
     "calibration": [calibration.run_calibrate, calibration.fit_calibration, postprocess.Calibration,
                     postprocess.cleanup],
-    "crf": [crf.CRFSettings],
-    "features": [features.train_feature_head, features.fit_head, features.FeatureHead],
-    "baselines": [baselines.train_baseline, baselines.predict_baseline, unet.SegUNet],
+    "crf": [settings.CRFSettings],
+    "features": [settings.HeadSettings, features.FeatureHead],
+    "baselines": [settings.BaselineSettings, unet.SegUNet],
     "risk": [risk.run_fit_risk, risk.fit_risk],
     # rules fit_risk and risk_figures pass evaluate.fail_dice (the risk model's target)
     "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks,
@@ -118,3 +118,14 @@ def test_a_drift_is_caught():
 
     defaults = keyword_defaults(drifted)
     assert comparable(defaults["rounds"]) != SECTIONS["crf"]["properties"]["rounds"]["default"]
+
+
+def test_settings_objects_skip_exactly_the_keys_passed_differently():
+    """from_config ignores the keys the rule passes another way, and no other."""
+    for cls in (settings.PrepareSettings, settings.TrainSettings, settings.HeadSettings, settings.BaselineSettings,
+                settings.InferenceSettings, settings.CRFSettings):
+        assert set(cls.IGNORED) == PASSED_DIFFERENTLY.get(cls.SECTION, set()), cls.__name__
+        section = {key: spec["default"] for key, spec in SECTIONS[cls.SECTION]["properties"].items()}
+        assert cls.from_config(section) == cls(), cls.__name__  # the schema's defaults build the default object
+        with pytest.raises(ValueError, match=f"config section '{cls.SECTION}': typo"):
+            cls.from_config({"typo": 1})

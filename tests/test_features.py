@@ -14,6 +14,7 @@ from diffseg.features import (FeatureHead, InputSampler, StreamedInputs, feature
                               train_feature_head)
 from diffseg.inference import InferenceSettings, noise_difference, run_inference
 from diffseg.schedule import Schedule
+from diffseg.settings import HeadSettings
 from diffseg.train import CheckpointError, load_checkpoint, save_checkpoint
 
 RES = 16
@@ -21,7 +22,12 @@ DIFFUSION = {"T": 100, "beta_start": 1e-4, "beta_end": 0.02}
 MODEL = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
          "dropout": 0.0, "num_heads": 1}
 TIMESTEPS = [5, 20]
-HEAD_TRAINING = dict(hidden=8, steps=6, batch_size=4, eval_every=2, patience=10, device="cpu")
+HEAD_TRAINING = dict(hidden=8, steps=6, batch_size=4, eval_every=2, patience=10)
+INPUTS = InferenceSettings(timesteps=TIMESTEPS, device="cpu")  # the head's inputs: timesteps, noise seed, device
+
+
+def head_settings(**changes) -> HeadSettings:
+    return HeadSettings(**{**HEAD_TRAINING, **changes})
 
 
 def tiny_model(seed: int = 0):
@@ -132,7 +138,7 @@ def test_streamed_inputs_are_the_cached_inputs():
     model, ab = tiny_model(), Schedule.from_config(DIFFUSION)
     images = (np.random.default_rng(0).random((5, RES, RES, 3)) * 255).astype(np.uint8)
     ids = ["a", "b", "c", "d", "e"]
-    kw = dict(seed=3, batch_images=2, device=torch.device("cpu"), use_noise=False)
+    kw = dict(seed=3, batch_images=2, device=torch.device("cpu"), switches=head_settings(use_noise=False).switches)
     cached = split_inputs(model, ab, ids, images, TIMESTEPS, [0, 1], **kw)
     streamed = StreamedInputs(model, ab, ids, images, TIMESTEPS, [0, 1], **kw)
     assert streamed.shape == tuple(cached.shape) and len(streamed) == 5
@@ -148,7 +154,7 @@ def test_a_head_trained_on_streamed_inputs_is_the_cached_one(files, tmp_path):
     heads = {}
     for name, cache_mb in (("cached", 8000), ("streamed", 1e-6)):
         summary = train_feature_head(dataset_h5, ddpm, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv",
-                                     timesteps=TIMESTEPS, blocks=[1, 3], input_cache_mb=cache_mb, **HEAD_TRAINING)
+                                     head_settings(blocks=[1, 3], input_cache_mb=cache_mb), INPUTS)
         assert summary["inputs_streamed"] == (name == "streamed")
         heads[name] = load_checkpoint(tmp_path / f"{name}.pt")
     assert heads["cached"]["best_metric"] == pytest.approx(heads["streamed"]["best_metric"], abs=0.01)
@@ -172,7 +178,8 @@ def test_head_learns_a_synthetic_case_and_standardises_on_train(tmp_path):
     train_x, train_y = synthetic_inputs(24, 0)
     val_x, val_y = synthetic_inputs(8, 1)
     summary = fit_head(train_x, train_y, val_x, val_y, tmp_path / "head.pt", tmp_path / "log.csv", {"note": 1},
-                       hidden=16, steps=120, batch_size=8, lr=0.01, eval_every=20, patience=10, device="cpu")
+                       HeadSettings(hidden=16, steps=120, batch_size=8, lr=0.01, eval_every=20, patience=10),
+                       device="cpu")
     assert summary["best_metric"] > 0.9
     ckpt = load_checkpoint(tmp_path / "head.pt", kind="feature_head")
     head = FeatureHead(**ckpt["config"]["model"])
@@ -198,7 +205,7 @@ def test_val_masks_only_choose_the_kept_weights_never_the_training(tmp_path):
     final = []
     for name, masks in (("right", val_y), ("inverted", ~val_y)):
         fit_head(train_x, train_y, val_x, masks, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", {},
-                 hidden=8, steps=20, batch_size=4, eval_every=5, patience=100, device="cpu")
+                 HeadSettings(hidden=8, steps=20, batch_size=4, eval_every=5, patience=100), device="cpu")
         final.append(load_checkpoint(tmp_path / f"{name}.pt")["model"])
     for key in final[0]:
         assert torch.equal(final[0][key], final[1][key]), key
@@ -223,8 +230,8 @@ def test_training_reads_only_train_and_val_and_inference_writes_the_standard_lay
     captured = {}
     real_fit = features.fit_head
     monkeypatch.setattr(features, "fit_head", lambda *a, **k: captured.update(args=a) or real_fit(*a, **k))
-    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", timesteps=TIMESTEPS,
-                       blocks=[1, 3], **HEAD_TRAINING)
+    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[1, 3]),
+                       INPUTS)
     assert sorted(seen) == ["train", "val"]
     train_masks = real_load_split(dataset_h5, "train")["masks"]
     assert np.array_equal(captured["args"][1], train_masks) and len(captured["args"][0]) == len(train_masks)
@@ -247,8 +254,8 @@ def test_training_reads_only_train_and_val_and_inference_writes_the_standard_lay
 
 def test_inference_refuses_a_head_of_other_timesteps_or_another_ddpm(files, tmp_path):
     dataset_h5, ddpm = files
-    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", timesteps=TIMESTEPS,
-                       blocks=[3], **HEAD_TRAINING)
+    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[3]),
+                       INPUTS)
     head = tmp_path / "head.pt"
     feat = dict(method="features", device="cpu")
     with pytest.raises(CheckpointError, match=r"timesteps \[5, 20\]"):

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from functools import partial
 
 import h5py
@@ -29,43 +29,13 @@ from diffseg.h5io import decode_ids, match_rows, open_h5, require, write_ids
 from diffseg.imageio import InputError
 from diffseg.postprocess import PAPER, Calibration, apply_calibration
 from diffseg.seeding import image_rng
+from diffseg.settings import CRFSettings
 from diffseg.shards import image_chunks
 
 logger = logging.getLogger(__name__)
 
 PROB_CLIP = 1e-5  # keeps -log(p) finite for maps that are exactly 0 or 1
 MAX_CHUNK = 16  # images per worker task: large enough to amortise IPC, small enough for progress
-
-
-@dataclass(frozen=True)
-class CRFSettings:
-    """The ``crf`` config section (config/schema.yaml; defaults equal the schema's), validated once."""
-
-    rounds: int = 3
-    subset_size: int = 4
-    iterations: int = 5
-    gaussian_sxy: float = 3
-    gaussian_compat: float = 3
-    bilateral_sxy: float = 80
-    bilateral_srgb: float = 13
-    bilateral_compat: float = 10
-    threshold: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rounds < 1:
-            raise ValueError(f"crf.rounds = {self.rounds} must be at least 1")
-        if self.subset_size < 1:
-            raise ValueError(f"crf.subset_size = {self.subset_size} must be at least 1")
-
-    @classmethod
-    def from_config(cls, section: dict | None) -> "CRFSettings":
-        """Settings from the config section; an unknown key is an error naming it."""
-        given = dict(section or {})
-        unknown = sorted(set(given) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown key(s) in config section 'crf': {', '.join(unknown)}")
-        return cls(**given)
 
 
 DEFAULT = CRFSettings()

@@ -33,7 +33,7 @@ from diffseg.inference import InferenceSettings, check_timesteps, draw_noise
 from diffseg.metrics import mask_metrics
 from diffseg.postprocess import binary_outputs, needs_maps
 from diffseg.risk import REVIEW_FRACTIONS, expected_calibration_error, risk_coverage
-from diffseg.runtime import autocast, resolve_device, to_model_range
+from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _load_model(checkpoint, settings: InferenceSettings, resolution: int):
     model, cfg = load_model(checkpoint, device=str(device), use_ema=True)
     if int(cfg["image_size"]) != resolution:
         raise InputError(checkpoint, f"model was trained at {cfg['image_size']} px but the images are {resolution} px")
-    return model, Schedule.from_config(cfg["diffusion"], device), device, settings.autocast_dtype(device)
+    return model, Schedule.from_config(cfg["diffusion"], device), device, resolve_autocast(device, settings.precision)
 
 
 # ----------------------------------------------------------------------------- drawing

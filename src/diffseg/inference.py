@@ -6,7 +6,7 @@ inference.h5 writer of one stage; post-processing, schedule and runtime live in 
 Pipeline per batch of images: draw per-image noise -> one forward call per noise draw covering all
 images x timesteps x both labels -> raw maps (T, H, W) per image -> per-image post-processing
 (diffseg.postprocess: normalise, binarize) -> rows of ``inference.h5`` (layout in docs/ARCHITECTURE.md).
-The ``inference`` config section arrives once, as :class:`InferenceSettings`.
+The ``inference`` config section arrives once, as :class:`diffseg.settings.InferenceSettings`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -28,70 +27,15 @@ from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.h5io import write_ids
 from diffseg.imageio import InputError
-from diffseg.postprocess import NORMALISE_METHODS, check_threshold, postprocess_image
-from diffseg.runtime import autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, to_model_range
+from diffseg.postprocess import postprocess_image
+from diffseg.runtime import (autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, resolved_runtime,
+                             to_model_range)
 from diffseg.schedule import Schedule
 from diffseg.seeding import image_generator
+from diffseg.settings import InferenceSettings
 from diffseg.shards import shard_indices
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
-INFERENCE_METHODS = ("paper", "reconstruct", "features")
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """The ``inference`` config section (config/schema.yaml; defaults equal the schema's), validated once."""
-
-    timesteps: tuple = DEFAULT_TIMESTEPS
-    noise_draws: int = 1
-    normalise: str = "p99"
-    threshold: float | str = 0.5
-    batch_images: int = 16
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    method: str = "paper"
-    recon_steps: int = 5
-    recon_compare: str = "c1"
-    compile: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
-        if not self.timesteps:
-            raise ValueError("inference.timesteps is empty: give at least one diffusion step")
-        if self.noise_draws < 1:
-            raise ValueError(f"inference.noise_draws must be >= 1, got {self.noise_draws}")
-        if self.batch_images < 1:
-            raise ValueError(f"inference.batch_images must be >= 1, got {self.batch_images}")
-        if self.normalise not in NORMALISE_METHODS:
-            raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {self.normalise!r}")
-        check_threshold(self.threshold)
-        if self.method not in INFERENCE_METHODS:
-            raise ValueError(f"inference.method must be one of {INFERENCE_METHODS}, got {self.method!r}")
-        if self.recon_steps < 1:
-            raise ValueError(f"inference.recon_steps must be >= 1, got {self.recon_steps}")
-        if self.recon_compare not in ("c1", "input"):
-            raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {self.recon_compare!r}")
-
-    @classmethod
-    def from_config(cls, section: dict | None, ignore: Sequence[str] = ("splits",)) -> "InferenceSettings":
-        """Settings from the config section; keys in ``ignore`` (the rule's own, e.g. splits) are skipped,
-        any other unknown key is an error naming it."""
-        given = {k: v for k, v in (section or {}).items() if k not in ignore}
-        unknown = sorted(set(given) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown key(s) in config section 'inference': {', '.join(unknown)}")
-        return cls(**given)
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The autocast dtype of ``precision`` on device (None = plain fp32)."""
-        return resolve_autocast(device, self.precision)
-
 
 # ----------------------------------------------------------------------------- the model passes
 
@@ -269,7 +213,7 @@ def infer_batches(
     from tqdm.auto import tqdm
 
     s = settings
-    autocast_dtype = s.autocast_dtype(device)
+    autocast_dtype = resolve_autocast(device, s.precision)
     done = 0
     with tqdm(total=len(ids), unit="img", mininterval=5, disable=not progress) as bar:
         for batch in image_batches:
@@ -336,7 +280,7 @@ def run_inference(
     if not Path(checkpoint).is_file():
         raise InputError(checkpoint, "checkpoint file not found")
     dev = resolve_device(s.device)
-    autocast_dtype = s.autocast_dtype(dev)
+    autocast_dtype = resolve_autocast(dev, s.precision)
     model, cfg = load_model(checkpoint, device=str(dev), use_ema=True)
     T = int(cfg["diffusion"]["T"])
     timesteps = check_timesteps(s.timesteps, T)
@@ -359,7 +303,7 @@ def run_inference(
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": s.threshold,
         "normalise": stored_normalise(s), "noise_draws": s.noise_draws, "seed": s.seed, "method": s.method, "T": T,
         "recon_steps": s.recon_steps, "recon_compare": s.recon_compare,
-        "diffseg_version": diffseg.__version__, "split": split,
+        "diffseg_version": diffseg.__version__, "split": split, **resolved_runtime(s.device, s.precision),
     }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
     start = time.perf_counter()
     # No automatic halving on OOM: a batch's composition changes CPU/GPU rounding, so results would differ.
