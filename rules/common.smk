@@ -4,6 +4,8 @@ import os
 
 from snakemake.utils import validate
 
+from diffseg.settings import BUNDLE_SECTIONS  # stdlib only: the sections a model bundle records and checks
+
 
 validate(config, schema="../config/schema.yaml")
 
@@ -49,7 +51,8 @@ def check_config(cfg):
 
 
 def check_predict(predict, cfg):
-    """The prediction folder must exist; a given bundle must exist and match the config's model settings."""
+    """The prediction folder must exist; a given bundle must exist and match the config in every
+    output-defining setting (diffseg.settings.OUTPUT_DEFINING; the runtime is checked by the inference)."""
     if predict["images"] is not None and not os.path.isdir(predict["images"]):
         _fail("predict.images", predict["images"], "an existing folder of JPEG/PNG/BMP images, or null")
     if predict["bundle"] is not None:
@@ -69,6 +72,7 @@ P = f"{R}/predict"
 PREDICT_IMAGES = f"{P}/images.h5"
 BUNDLE = f"{R}/models/diffseg_bundle.zip"
 PREDICT_BUNDLE = config["predict"]["bundle"] or BUNDLE
+BUNDLE_CONFIG = {section: config[section] for section in BUNDLE_SECTIONS}  # what export and unpack check
 PREDICT_MODEL = {"checkpoint": f"{P}/model/ddpm.pt", "calibration": f"{P}/model/calibration.h5",
                  "manifest": f"{P}/model/manifest.json"}
 # Model artefacts that other rules save beside the calibration register here (bundle member name ->
@@ -134,6 +138,11 @@ def split_checkpoint(wildcards):
 
 def split_calibration(wildcards):
     return PREDICT_MODEL["calibration"] if wildcards.split == PREDICT else CALIBRATION
+
+
+def split_manifest(wildcards):
+    """For prediction, the unpacked bundle's manifest: its inference must resolve to the recorded runtime."""
+    return PREDICT_MODEL["manifest"] if wildcards.split == PREDICT else []
 
 
 def baseline_checkpoint(wildcards):

@@ -3,6 +3,7 @@ rule noise_difference:
         h5=split_dataset,
         checkpoint=split_checkpoint,
         head=feature_head,
+        manifest=split_manifest,
     output:
         shard_file("inference", "{split}", "{shard}"),
     params:

@@ -11,7 +11,7 @@ rule export_bundle:
     output:
         BUNDLE,
     params:
-        config={k: config[k] for k in ("prepare", "model", "diffusion", "inference", "calibration")},
+        config=BUNDLE_CONFIG,
         optional=lambda wildcards: BUNDLE_OPTIONAL,
         training_data=config["data_dir"] or "synthetic demo data",
     log:
@@ -34,7 +34,7 @@ rule unpack_bundle:
     output:
         **PREDICT_MODEL,
     params:
-        config={k: config[k] for k in ("prepare", "model", "diffusion", "inference", "calibration")},
+        config=BUNDLE_CONFIG,
     log:
         f"{R}/logs/unpack_bundle.log",
     benchmark:

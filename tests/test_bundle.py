@@ -5,23 +5,33 @@ from __future__ import annotations
 import json
 import zipfile
 
+import h5py
 import numpy as np
 import pytest
 
-from diffseg.bundle import (CALIBRATION, CHECKPOINT, MANIFEST, BundleError, bundle_settings, export_bundle,
-                            load_bundle, optional_member, read_manifest, settings_mismatch)
+from diffseg.bundle import (CALIBRATION, CHECKPOINT, MANIFEST, BundleError, bundle_settings, check_runtime,
+                            check_settings, export_bundle, load_bundle, optional_member, read_manifest,
+                            settings_mismatch)
 from diffseg.imageio import InputError
-from diffseg.calibration import Calibration, load_calibration, save_calibration
+from diffseg.calibration import Calibration, load_calibration, run_calibrate, save_calibration
 from diffseg.ddpm import load_model
+from diffseg.inference import run_inference
+from diffseg.runtime import resolved_runtime
+from diffseg.settings import BUNDLE_SECTIONS, OUTPUT_DEFINING, CRFSettings, InferenceSettings
+from test_features import write_dataset
 from test_figures import DIFFUSION, R, TINY_MODEL, tiny_checkpoint
 
 INFERENCE = dict(method="paper", timesteps=[60, 70, 80], noise_draws=1, normalise="p99", threshold=0.5,
-                 recon_steps=5, recon_compare="c1", splits=["val", "test"], batch_images=4, seed=0)
+                 recon_steps=5, recon_compare="c1", splits=["val", "test"], batch_images=4, seed=0, device="cpu",
+                 precision="auto", compile=False)
+CRF = {"rounds": 2, "subset_size": 2, "iterations": 5, "gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 10,
+       "bilateral_srgb": 13, "bilateral_compat": 10, "threshold": 0.5, "seed": 0}
+RUNTIME = {"precision": "fp32", "device_type": "cpu"}  # what the val inference of run_files resolved to
 
 
 def config(**changes) -> dict:
     cfg = {"prepare": {"resolution": R, "dilate_px": 1}, "model": dict(TINY_MODEL), "diffusion": dict(DIFFUSION),
-           "inference": dict(INFERENCE), "calibration": {"method": "calibrated", "bias": False}}
+           "inference": dict(INFERENCE), "crf": dict(CRF), "calibration": {"method": "calibrated", "bias": False}}
     for key, value in changes.items():
         section, name = key.split("__")
         cfg[section][name] = value
@@ -36,7 +46,7 @@ def run_files(tmp_path):
     calibration = tmp_path / "calibration.h5"
     cal = Calibration(method="calibrated", threshold=0.3, sigmoid_scale=0.05, blur_sigma=1.0, closing_px=1,
                       fill_holes=True, largest_component=True, best_timestep=70, timesteps=[60, 70, 80])
-    save_calibration(calibration, cal, (3, R, R), {"val_dice_vote": 0.5})
+    save_calibration(calibration, cal, (3, R, R), {"val_dice_vote": 0.5}, RUNTIME)
     return checkpoint, calibration
 
 
@@ -46,7 +56,8 @@ def test_bundle_round_trip_gives_the_same_model_and_calibration(run_files, tmp_p
     manifest = export_bundle(checkpoint, calibration, bundle, config=config(), training_data="synthetic demo data")
     assert manifest["members"].keys() == {CHECKPOINT, CALIBRATION}
     assert len(manifest["content_sha256"]) == 64
-    assert manifest["settings"]["prepare.resolution"] == R and manifest["settings"]["inference"]["timesteps"] == [60, 70, 80]
+    assert manifest["settings"]["prepare"]["resolution"] == R
+    assert manifest["settings"]["inference"]["timesteps"] == [60, 70, 80]
     # another folder, another machine: only the bundle travels
     unpacked = load_bundle(bundle, tmp_path / "elsewhere", config())
     assert unpacked["content_sha256"] == manifest["content_sha256"]
@@ -73,6 +84,10 @@ def test_same_content_gives_the_same_bundle_bytes(run_files, tmp_path):
     ({"diffusion__T": 1000}, "diffusion.T: bundle 200, config 1000"),
     ({"inference__timesteps": [60, 70]}, "inference.timesteps: bundle [60, 70, 80], config [60, 70]"),
     ({"inference__noise_draws": 4}, "inference.noise_draws: bundle 1, config 4"),
+    ({"inference__seed": 5}, "inference.seed: bundle 0, config 5"),
+    ({"crf__rounds": 3}, "crf.rounds: bundle 2, config 3"),
+    ({"crf__bilateral_sxy": 80}, "crf.bilateral_sxy: bundle 10, config 80"),
+    ({"crf__seed": 1}, "crf.seed: bundle 0, config 1"),
 ])
 def test_a_bundle_that_does_not_match_the_config_is_refused_naming_the_difference(run_files, tmp_path, change,
                                                                                    named):
@@ -87,9 +102,79 @@ def test_a_bundle_that_does_not_match_the_config_is_refused_naming_the_differenc
 
 def test_settings_that_do_not_define_the_model_may_differ():
     base = bundle_settings(config())
-    other = bundle_settings(config(inference__batch_images=64, inference__seed=5, prepare__dilate_px=9,
-                                   calibration__method="paper"))
+    other = bundle_settings(config(inference__batch_images=64, inference__device="auto", inference__precision="fp32",
+                                   inference__compile=True, prepare__dilate_px=9, calibration__method="paper"))
     assert settings_mismatch(base, other) == []
+
+
+def test_the_one_list_covers_every_output_defining_section_and_key():
+    """OUTPUT_DEFINING names whole sections or single keys; the bundle records exactly those (and calibration)."""
+    recorded = bundle_settings(config())
+    assert set(recorded) == set(BUNDLE_SECTIONS) == {"prepare", "model", "diffusion", "inference", "crf",
+                                                     "calibration"}
+    assert recorded["crf"] == CRF and set(CRF) == set(vars(CRFSettings()))  # every crf key defines the outputs
+    assert set(recorded["inference"]) == {name.split(".")[1] for name in OUTPUT_DEFINING
+                                          if name.startswith("inference.")}
+    assert set(recorded["inference"]) <= set(vars(InferenceSettings())) and "seed" in recorded["inference"]
+    assert recorded["prepare"] == {"resolution": R}
+    with pytest.raises(ValueError, match="the config has no 'crf'"):
+        bundle_settings({k: v for k, v in config().items() if k != "crf"})
+
+
+def test_a_bundle_of_an_older_format_is_refused_naming_what_it_lacks(tmp_path):
+    """Format 1 recorded no crf, no inference.seed: refused, and told to re-export (its resolution still reads)."""
+    old = {"prepare.resolution": R, "model": dict(TINY_MODEL), "diffusion": dict(DIFFUSION),
+           "inference": {k: INFERENCE[k] for k in ("method", "timesteps", "noise_draws", "normalise", "threshold",
+                                                    "recon_steps", "recon_compare")}}
+    with pytest.raises(BundleError, match="re-export it") as err:
+        check_settings(tmp_path / "old.zip", old, config())
+    assert "crf.rounds: bundle (absent), config 2" in str(err.value)
+    assert "inference.seed: bundle (absent), config 0" in str(err.value)
+    assert "prepare.resolution" not in str(err.value) and "model." not in str(err.value)
+
+
+def test_the_bundle_records_crf_the_inference_seed_and_the_runtime_of_its_calibration(tmp_path):
+    """From a run's own files: inference on val records the resolved runtime, the calibration copies it, export
+    puts it in the manifest beside the crf section and inference.seed."""
+    dataset = write_dataset(tmp_path / "dataset.h5")
+    checkpoint = tmp_path / "ddpm.pt"
+    tiny_checkpoint(checkpoint)
+    settings = InferenceSettings.from_config(config()["inference"])
+    run_inference(dataset, checkpoint, tmp_path / "val.h5", settings, split="val")
+    with h5py.File(tmp_path / "val.h5") as f:
+        runtime = {"precision": f.attrs["precision"], "device_type": f.attrs["device_type"]}
+    assert runtime == resolved_runtime("cpu", "auto") and runtime["device_type"] == "cpu"
+    run_calibrate(dataset, tmp_path / "val.h5", tmp_path / "calibration.h5", method="calibrated")
+    manifest = export_bundle(checkpoint, tmp_path / "calibration.h5", tmp_path / "bundle.zip", config=config())
+    recorded = read_manifest(tmp_path / "bundle.zip")["settings"]
+    assert recorded == manifest["settings"]
+    assert recorded["runtime"] == runtime and recorded["crf"] == CRF and recorded["inference"]["seed"] == 0
+    assert recorded["prepare"] == {"resolution": R} and manifest["format_version"] == 2
+
+
+def test_export_refuses_a_calibration_without_its_runtime(run_files, tmp_path):
+    checkpoint, _ = run_files
+    old = tmp_path / "old_calibration.h5"
+    save_calibration(old, Calibration(method="paper", threshold=0.5, timesteps=[60, 70, 80]), (3, R, R), {})
+    with pytest.raises(InputError, match=r"old_calibration.h5: no attribute\(s\) \['precision', 'device_type'\]"):
+        export_bundle(checkpoint, old, tmp_path / "b.zip", config=config())
+    assert not (tmp_path / "b.zip").exists()
+
+
+def test_prediction_refuses_another_precision_or_device_type(run_files, tmp_path):
+    """The runtime is compared where prediction's inference resolves it, naming each difference."""
+    checkpoint, calibration = run_files
+    bundle = tmp_path / "bundle.zip"
+    export_bundle(checkpoint, calibration, bundle, config=config())
+    load_bundle(bundle, tmp_path / "model", config())
+    manifest = tmp_path / "model" / MANIFEST
+    check_runtime(manifest, {"precision": "fp32", "device_type": "cpu"})  # the same: accepted
+    with pytest.raises(BundleError, match="another precision or device type") as err:
+        check_runtime(manifest, {"precision": "bf16", "device_type": "cuda"})
+    assert str(err.value).startswith(str(manifest))
+    assert "precision: bundle 'fp32', this machine 'bf16'" in str(err.value)
+    assert "device_type: bundle 'cpu', this machine 'cuda'" in str(err.value)
+    assert "inference.precision and inference.device" in str(err.value)
 
 
 def test_export_refuses_a_checkpoint_trained_with_another_config(run_files, tmp_path):

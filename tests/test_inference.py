@@ -372,6 +372,7 @@ def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
     Measured pooled AUROC 0.98-0.99 (training seeds 0-2, 100-150 steps), so 0.8 leaves a wide margin.
     """
     from diffseg.ddpm import train_ddpm
+    from diffseg.settings import TrainSettings
 
     dataset_h5, ckpt = tmp_path / "dataset.h5", tmp_path / "ddpm.pt"
     write_synthetic_dataset(dataset_h5)
@@ -380,8 +381,8 @@ def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
         dataset_h5, ckpt, tmp_path / "loss.csv", tmp_path / "loss.png",
         model=dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], dropout=0.0),
         augment=no_augment,
-        train=dict(steps=100, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.9, checkpoint_every=1000,
-                   device="cpu", precision="fp32"),
+        train=TrainSettings(steps=100, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.9, checkpoint_every=1000,
+                            device="cpu", precision="fp32"),
     )
     out = tmp_path / "test.h5"
     run_inference(dataset_h5, ckpt, out, InferenceSettings(device="cpu"))  # the default timesteps 60..150

@@ -84,7 +84,8 @@ def test_a_bundle_that_does_not_match_the_config_is_refused_before_any_rule(tiny
     wf = workflow_copy(tmp_path / "wf")
     images = unlabelled_images(tmp_path / "new_images")
     overlay = {"predict": {"images": str(images), "bundle": str(tiny_run / "results/models/diffseg_bundle.zip")},
-               "prepare": {"resolution": 24}, "model": {"base_channels": 16}}
+               "prepare": {"resolution": 24}, "model": {"base_channels": 16},
+               "crf": {"rounds": 3}, "inference": {"seed": 5}}  # the tiny run's bundle has rounds 2, seed 0
     (wf / "predict.yaml").write_text(yaml.safe_dump(overlay))
     run = snakemake(wf, "-n", configfiles=("test.yaml", "predict.yaml"))
     message = run.stdout + run.stderr
@@ -92,6 +93,7 @@ def test_a_bundle_that_does_not_match_the_config_is_refused_before_any_rule(tiny
     assert "the model bundle does not match the config" in message, message[-3000:]
     assert "prepare.resolution: bundle 16, config 24" in message
     assert "model.base_channels: bundle 8, config 16" in message
+    assert "crf.rounds: bundle 2, config 3" in message and "inference.seed: bundle 0, config 5" in message
 
 
 @pytest.mark.slow

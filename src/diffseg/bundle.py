@@ -9,12 +9,16 @@ The bundle is a zip archive (``diffseg_bundle.zip``) holding
 | ``calibration.h5`` | the calibration fitted on the val split (diffseg.calibration) |
 | optional members | any of ``OPTIONAL_MEMBERS`` the training run produced (e.g. a risk model), stored as bytes |
 
-``settings`` are the config values the model's outputs depend on: ``prepare.resolution``, the
-``model`` and ``diffusion`` sections, the inference settings the calibration was fitted on
-(``INFERENCE_KEYS``) and the ``calibration`` section. A config that predicts with the bundle must
-agree on all of them except ``calibration`` (the fitted file is used as is): ``settings_mismatch``
-names every difference. ``content_sha256`` is the sha256 of the canonical JSON of the settings and
-the member hashes, so it identifies the model independently of zip metadata.
+``settings`` are the settings the model's outputs depend on: every one of
+diffseg.settings.OUTPUT_DEFINING (``prepare.resolution``, the ``model``, ``diffusion`` and ``crf``
+sections, the inference settings the calibration was fitted on, ``inference.seed`` among them), the
+``runtime`` the val inference resolved to (``precision``, ``device_type``: diffseg.settings.RUNTIME_DEFINING,
+read from calibration.h5) and the ``calibration`` section. A config that predicts with the bundle must
+agree on every OUTPUT_DEFINING setting (``settings_mismatch`` names every difference; the workflow's
+config check refuses it before any rule runs); the runtime is compared where prediction's inference
+resolves it (``check_runtime``); ``calibration`` may differ (the fitted file is used as is).
+``content_sha256`` is the sha256 of the canonical JSON of the settings and the member hashes, so it
+identifies the model independently of zip metadata.
 
 This module stays torch-free (zipfile, json, hashlib): the workflow's config check reads a
 bundle's manifest before any rule starts.
@@ -33,10 +37,11 @@ from pathlib import Path
 import diffseg
 from diffseg.atomic import atomic_path, file_sha256
 from diffseg.imageio import InputError
+from diffseg.settings import OUTPUT_DEFINING, RECORDED_ONLY, RUNTIME_DEFINING
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: settings by section, with crf, inference.seed and the runtime
 MANIFEST = "manifest.json"
 CHECKPOINT = "ddpm.pt"
 CALIBRATION = "calibration.h5"
@@ -47,10 +52,10 @@ OPTIONAL_MEMBERS = {
     "risk.json": "per-image risk model fitted on the val split (calibration/risk.json)",
     FEATURE_HEAD: "features head checkpoint (models/feature_head.pt)",
 }
-# The inference settings the calibration was fitted on; prediction must use the same.
-INFERENCE_KEYS = ("method", "timesteps", "noise_draws", "normalise", "threshold", "recon_steps", "recon_compare")
-MUST_MATCH = ("prepare.resolution", "model", "diffusion", "inference")
+# The OUTPUT_DEFINING settings a DDPM checkpoint fixes: export refuses a checkpoint trained with others.
+CHECKPOINT_DEFINED = ("prepare.resolution", "model", "diffusion")
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member dates: the same content gives the same file
+_ABSENT = object()  # a setting one side does not record
 
 
 class BundleError(InputError):
@@ -67,15 +72,21 @@ def required_members(settings: dict) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- settings
 
 
+def select_settings(config: dict, names: tuple[str, ...]) -> dict:
+    """``{section: {key: value}}`` of the named settings ("section" = all of it, "section.key") of a config."""
+    out: dict = {}
+    for name in names:
+        section, _, key = name.partition(".")
+        if section not in config or (key and key not in config[section]):
+            raise ValueError(f"the config has no {name!r}: pass the validated config with the sections "
+                             f"{sorted({n.split('.')[0] for n in names})}")
+        out.setdefault(section, {}).update({key: config[section][key]} if key else config[section])
+    return out
+
+
 def bundle_settings(config: dict) -> dict:
-    """The settings a bundle records, from a full (validated, defaults filled) workflow config."""
-    return {
-        "prepare.resolution": int(config["prepare"]["resolution"]),
-        "model": dict(config["model"]),
-        "diffusion": dict(config["diffusion"]),
-        "inference": {k: config["inference"][k] for k in INFERENCE_KEYS},
-        "calibration": dict(config["calibration"]),
-    }
+    """The config settings a bundle records, from a full (validated, defaults filled) workflow config."""
+    return select_settings(config, OUTPUT_DEFINING + RECORDED_ONLY)
 
 
 def _flatten(prefix: str, value) -> dict:
@@ -87,12 +98,30 @@ def _flatten(prefix: str, value) -> dict:
     return {prefix: value}
 
 
-def settings_mismatch(bundle: dict, config: dict) -> list[str]:
-    """'key: bundle X, config Y' for every MUST_MATCH setting where a bundle and a config differ."""
-    theirs = {k: v for section in MUST_MATCH for k, v in _flatten(section, _canonical(bundle.get(section))).items()}
-    ours = {k: v for section in MUST_MATCH for k, v in _flatten(section, _canonical(config.get(section))).items()}
-    return [f"{key}: bundle {theirs.get(key, '(absent)')!r}, config {ours.get(key, '(absent)')!r}"
-            for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+def _flat_settings(settings: dict, names: tuple[str, ...]) -> dict:
+    """``{"section.key": value}`` of the named settings present, nested dicts flattened (lists stay values)."""
+    out = {}
+    for name in names:
+        section, _, key = name.partition(".")
+        if name in settings:  # a whole section, or a dotted name as format 1 recorded prepare.resolution
+            value = settings[name]
+        elif key and key in (settings.get(section) or {}):
+            value = settings[section][key]
+        else:
+            continue
+        out.update(_flatten(name, _canonical(value)))
+    return out
+
+
+def _shown(values: dict, key: str) -> str:
+    return repr(values[key]) if key in values else "(absent)"
+
+
+def settings_mismatch(bundle: dict, config: dict, names: tuple[str, ...] = OUTPUT_DEFINING) -> list[str]:
+    """'key: bundle X, config Y' for every setting of ``names`` where a bundle's and a config's settings differ."""
+    theirs, ours = _flat_settings(bundle, names), _flat_settings(config, names)
+    return [f"{key}: bundle {_shown(theirs, key)}, config {_shown(ours, key)}"
+            for key in sorted(set(theirs) | set(ours)) if theirs.get(key, _ABSENT) != ours.get(key, _ABSENT)]
 
 
 def _canonical(value):
@@ -101,11 +130,49 @@ def _canonical(value):
 
 
 def check_settings(bundle_path: str | os.PathLike, bundle: dict, config: dict) -> None:
-    """Refuse a bundle whose model-defining settings differ from the config's, naming every difference."""
+    """Refuse a bundle whose output-defining settings differ from the config's, naming every difference."""
     differences = settings_mismatch(bundle, bundle_settings(config))
     if differences:
+        older = any("bundle (absent)" in d for d in differences)
         raise BundleError(bundle_path, "the model bundle does not match the config (" + "; ".join(differences)
-                          + "). Predict with the config the bundle was trained with.")
+                          + "). Predict with the config the bundle was trained with"
+                          + ("; a bundle exported by an older diffseg lacks some of these settings: re-export it "
+                             "(rule export_bundle)." if older else "."))
+
+
+def runtime_mismatch(bundle: dict, runtime: dict) -> list[str]:
+    """'key: bundle X, this machine Y' for every RUNTIME_DEFINING value a bundle's settings and a resolved
+    runtime (diffseg.runtime.resolved_runtime) disagree on."""
+    recorded = bundle.get("runtime") or {}
+    return [f"{key}: bundle {_shown(recorded, key)}, this machine {runtime.get(key)!r}"
+            for key in RUNTIME_DEFINING if recorded.get(key) != runtime.get(key)]
+
+
+def check_runtime(manifest_json: str | os.PathLike, runtime: dict) -> None:
+    """Refuse to predict where inference resolves to another precision or device type than the bundle's
+    calibration was fitted on (``manifest_json``: the unpacked bundle's manifest, rule unpack_bundle)."""
+    try:
+        settings = json.loads(Path(manifest_json).read_text())["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BundleError(manifest_json, f"cannot read the bundle's settings ({type(err).__name__}: {err})") from err
+    differences = runtime_mismatch(settings, runtime)
+    if differences:
+        raise BundleError(manifest_json, "prediction's inference runs with another precision or device type than "
+                          "the bundle's calibration was fitted on (" + "; ".join(differences) + "): set "
+                          "inference.precision and inference.device so that they resolve to the bundle's, or "
+                          "predict on a machine like the one that trained it")
+
+
+def calibration_runtime(calibration_h5: str | os.PathLike) -> dict:
+    """The runtime (RUNTIME_DEFINING) recorded in calibration.h5: what the val inference resolved to."""
+    from diffseg.h5io import open_h5  # h5py: only the export needs it
+
+    with open_h5(calibration_h5) as f:
+        missing = [key for key in RUNTIME_DEFINING if key not in f.attrs]
+        if missing:
+            raise InputError(calibration_h5, f"no attribute(s) {missing}: fitted on an inference file of an "
+                             "older diffseg; rerun the val inference and the calibration with this one")
+        return {key: str(f.attrs[key]) for key in RUNTIME_DEFINING}
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -160,11 +227,11 @@ def export_bundle(checkpoint: str | os.PathLike, calibration_h5: str | os.PathLi
     """Bundle a training run (rule export_bundle), after checking the checkpoint was trained with ``config``."""
     from diffseg.train import load_checkpoint  # torch: only the export needs it
 
-    settings = bundle_settings(config)
+    settings = {**bundle_settings(config), "runtime": calibration_runtime(calibration_h5)}
     saved = load_checkpoint(checkpoint, kind="ddpm")["config"]
-    trained = {"prepare.resolution": saved["image_size"], "model": saved["model"], "diffusion": saved["diffusion"],
-               "inference": settings["inference"]}
-    differences = settings_mismatch(trained, settings)
+    trained = {"prepare": {"resolution": saved["image_size"]}, "model": saved["model"],
+               "diffusion": saved["diffusion"]}
+    differences = settings_mismatch(trained, settings, CHECKPOINT_DEFINED)
     if differences:
         raise BundleError(checkpoint, "the checkpoint was not trained with this config (" + "; ".join(differences)
                           + ")")

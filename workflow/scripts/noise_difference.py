@@ -1,9 +1,14 @@
+from diffseg.bundle import check_runtime
 from diffseg.features import run_feature_inference
-from diffseg.inference import InferenceSettings, run_inference
+from diffseg.inference import run_inference
 from diffseg.logs import log_to
+from diffseg.runtime import resolved_runtime
+from diffseg.settings import InferenceSettings
 
 with log_to(snakemake.log[0]):
     settings = InferenceSettings.from_config(snakemake.params.cfg)
+    if snakemake.input.manifest:  # prediction: resolve to the precision and device type of the bundle's calibration
+        check_runtime(snakemake.input.manifest, resolved_runtime(settings.device, settings.precision))
     where = dict(split=snakemake.wildcards.split, shard=int(snakemake.wildcards.shard),
                  n_shards=snakemake.params.n_shards)
     if settings.method == "features":
