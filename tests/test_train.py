@@ -1,5 +1,6 @@
 import csv
 import math
+import time
 
 import h5py
 import numpy as np
@@ -67,7 +68,7 @@ def make_trainer(tmp_path, steps, name="run", model_cfg=None, stopping=None, clo
     settings = TrainSettings(**{**TRAIN, "steps": steps, **overrides})
     files = RunFiles(out / "model.pt", out / "loss.csv", kind="ddpm", config={"model": cfg, "image_size": R})
     return Trainer(model, lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], schedule, g), sample_batch or sampler,
-                   settings, files, stopping=stopping, **({"clock": clock} if clock else {}))
+                   settings, files, stopping=stopping, clock=clock or time.monotonic)
 
 
 def assert_states_equal(a, b):

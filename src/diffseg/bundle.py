@@ -37,7 +37,7 @@ from pathlib import Path
 import diffseg
 from diffseg.atomic import atomic_path, file_sha256
 from diffseg.imageio import InputError
-from diffseg.settings import OUTPUT_DEFINING, RECORDED_ONLY, RUNTIME_DEFINING
+from diffseg.settings import OUTPUT_DEFINING, RECORDED_ONLY, RUNTIME_DEFINING, sections_of
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def select_settings(config: dict, names: tuple[str, ...]) -> dict:
         section, _, key = name.partition(".")
         if section not in config or (key and key not in config[section]):
             raise ValueError(f"the config has no {name!r}: pass the validated config with the sections "
-                             f"{sorted({n.split('.')[0] for n in names})}")
+                             f"{list(sections_of(names))}")
         out.setdefault(section, {}).update({key: config[section][key]} if key else config[section])
     return out
 
