@@ -33,6 +33,7 @@ from pathlib import Path
 import diffseg
 from diffseg.atomic import atomic_path, file_sha256
 from diffseg.imageio import InputError
+from diffseg.methods import DEFAULT as DEFAULT_METHOD, inference_method
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ class BundleError(InputError):
 
 
 def required_members(settings: dict) -> tuple[str, ...]:
-    """The members a bundle with these settings cannot predict without: the features method needs its head."""
-    if (settings.get("inference") or {}).get("method") == "features":
-        return (*REQUIRED_MEMBERS, FEATURE_HEAD)
-    return REQUIRED_MEMBERS
+    """The members a bundle with these settings cannot predict without: DDPM, calibration and the trained files
+    of its inference method (diffseg.methods; features: the head)."""
+    method = inference_method((settings.get("inference") or {}).get("method", DEFAULT_METHOD))
+    return (*REQUIRED_MEMBERS, *method.bundle_members)
 
 
 # ----------------------------------------------------------------------------- settings
