@@ -1,5 +1,5 @@
 # The trained model as one portable file, and prediction on new images without masks.
-# Prediction runs the per-image stages (noise_difference, uncertainty, crf_fusion and their gathers)
+# Prediction runs the per-image stages (infer, uncertainty, crf_fusion and their gathers)
 # with split "predict": images from rule prepare_images, checkpoint and calibration from the bundle.
 
 

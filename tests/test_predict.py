@@ -118,7 +118,7 @@ def test_prediction_is_sharded_and_trains_its_own_bundle_when_none_is_given(tmp_
     run = snakemake(wf, "-n", configfiles=("test.yaml", "predict.yaml"))
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = planned_jobs(run.stdout)
-    assert jobs["noise_difference"] == 6  # 3 shards of val (for the calibration) + 3 of the new images
+    assert jobs["infer"] == 6  # 3 shards of val (for the calibration) + 3 of the new images
     # CRF on val too: the bundle's risk model (fit_risk) is fitted on val's fused masks; no table, no figures
     assert jobs["crf_fusion"] == 6 and jobs["uncertainty"] == 3
     for rule in ("train_ddpm", "calibrate", "fit_risk", "export_bundle", "unpack_bundle", "prepare_images", "predict_outputs"):
