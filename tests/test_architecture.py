@@ -9,9 +9,11 @@ import diffseg
 
 PACKAGE = Path(diffseg.__file__).parent
 # Stages that only read what every earlier stage wrote: nothing earlier may import them.
-LATER_STAGES = {"evaluate": {"figures"}, "figures": {"predict"}, "predict": set()}
+LATER_STAGES = {"evaluate": {"figures_clinician"}, "figures_clinician": {"figures", "figures_method"},
+                "figures_method": {"figures"}, "figures": set(), "figures_risk": set(), "figures_review": {"predict"},
+                "predict": set()}
 TORCH_FREE = ("h5io", "postprocess", "calibration", "uncertainty", "crf", "risk", "evaluate", "export", "metrics",
-              "review")
+              "review", "figures_common", "figures_clinician", "figures_review", "figures_risk")
 
 
 def imports_of(path: Path) -> set[str]:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from diffseg import (baselines, calibration, crf, data, ddpm, demo, evaluate, export, features, figures,
-                     inference, postprocess, predict, risk, train, unet)
+                     figures_risk, inference, postprocess, predict, risk, train, unet)
 from diffseg.augment import PairedAugment
 from diffseg.schedule import linear_betas
 
@@ -46,7 +46,7 @@ CONSUMERS = {
     # rules fit_risk and risk_figures pass evaluate.fail_dice (the risk model's target)
     "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks,
                  *[(fn, {"fail_dice": "fail_dice"}) for fn in (risk.run_fit_risk, risk.fit_risk,
-                                                               figures.run_risk_figures)]],
+                                                               figures_risk.run_risk_figures)]],
     "figures": [figures.run_figures],
     "predict": [predict.write_predictions],
 }

@@ -92,7 +92,7 @@ def write_predictions(images_h5: str | os.PathLike, uncertainty_h5: str | os.Pat
     demo data says so on the sheet. ``risk_inputs`` = (bundle, inference_h5, calibration_h5): when the
     bundle holds a risk model, each image's risk joins the queue, which is then sorted by it.
     """
-    from diffseg.figures import draw_contact_sheet  # matplotlib: only for the sheet
+    from diffseg.figures_review import draw_contact_sheet  # matplotlib: only for the sheet
 
     n = export_masks(images_h5, crf_h5, masks_dir, split=split)
     scores, arrays = prediction_scores(images_h5, uncertainty_h5, crf_h5, split)
