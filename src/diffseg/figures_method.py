@@ -16,8 +16,8 @@ import torch
 from diffseg.figures_clinician import case_of
 from diffseg.figures_common import FINAL_COLOUR, add_note, colourbar, image_panel, new_figure, outline, save_png
 from diffseg.imageio import InputError
-from diffseg.inference import InferenceSettings, check_timesteps, draw_noise
-from diffseg.runtime import autocast, resolve_device, to_model_range
+from diffseg.inference import InferenceSettings, check_timesteps, draw_noise, paired_forward
+from diffseg.runtime import resolve_device, to_model_range
 from diffseg.schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -34,12 +34,8 @@ def predict_noise_pair(model: torch.nn.Module, schedule: Schedule, image: np.nda
     """(2, 3, H, W): predicted noise under c0 and c1 on the x_t that inference used (its first noise draw)."""
     x0 = to_model_range(image[None], device)
     noise = draw_noise([image_id], seed, noise_draws, tuple(x0.shape[1:]))[:, 0].to(device)
-    t_batch = torch.full((2,), int(t), dtype=torch.long, device=device)
-    x_t = schedule.q_sample(x0, t_batch[:1], noise)
-    labels = torch.tensor([0, 1], dtype=torch.long, device=device)
-    with torch.inference_mode(), autocast(device, autocast_dtype):
-        pred = model(torch.cat([x_t, x_t]), t_batch, labels)
-    return pred.float().cpu().numpy()
+    pair = paired_forward(model, schedule, x0, [t], noise, autocast_dtype=autocast_dtype)
+    return torch.cat([pair.noise_c0, pair.noise_c1]).cpu().numpy()
 
 
 def _load_model(checkpoint, settings: InferenceSettings, resolution: int):
