@@ -446,3 +446,19 @@ def test_risk_ranks_the_review_queue_and_the_table_shows_rankings_coverage_and_e
     bins = pd.read_csv(bins_csv)
     assert bins["n_pixels"].sum() == 3 * R * R
     assert "Expected calibration error over 768 pixels, 10 equal bins: 0.016" in md
+
+
+def test_the_official_score_carries_hd95_per_image_and_in_the_table(files, tmp_path):
+    """HD95 at the original size: the best-t row keeps the left half of each square (the right edge moves by 4,
+    3 and 2 px), the final row is exact where it is not empty, the U-Net row is empty everywhere (no HD95)."""
+    means, table, md = evaluate(files, tmp_path)
+    best_t = table[table["method"] == BEST_T_METHOD].set_index("id")
+    assert best_t.loc[TEST_IDS, "official_hd95"].tolist() == [4.0, 3.0, 2.0]
+    final = table[table["method"] == FINAL_METHOD].set_index("id").loc[TEST_IDS, "official_hd95"]
+    assert final.iloc[[0, 2]].tolist() == [0.0, 0.0] and np.isnan(final.iloc[1])  # image 2: empty final mask
+    assert means[BEST_T_METHOD]["official"]["hd95"] == pytest.approx(3.0)
+    assert means[FINAL_METHOD]["official"]["hd95"] == 0.0
+    official = md.split("## At the model's working resolution")[0]
+    assert "| threshold Jaccard | HD95 (px) |" in official
+    assert "| 3.000 |" in official.split(BEST_T_METHOD)[1].splitlines()[0]
+    assert official.split("| U-Net (supervised) |")[1].splitlines()[0].endswith("| n/a |")

@@ -25,7 +25,7 @@ from diffseg.data import truth_mask_files
 from diffseg.export import write_original_size_pngs
 from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
-from diffseg.metrics import METRICS, PNG_SUFFIX, aggregate, auroc, mask_metrics, score_png_pairs
+from diffseg.metrics import METRICS, OFFICIAL_METRICS, PNG_SUFFIX, aggregate, auroc, mask_metrics, score_png_pairs
 from diffseg.postprocess import binary_outputs, needs_maps
 from diffseg.risk import (apply_risk, expected_calibration_error, format_score, load_risk_model, reliability_table,
                           risk_markdown, split_features, write_review_queue)
@@ -299,7 +299,7 @@ def _per_image_table(row: EvalRow, ids, truth: np.ndarray, official: pd.DataFram
     if row.extra is not None:
         table = pd.concat([table, row.extra.reset_index(drop=True)], axis=1)
     table.insert(1, "method", row.name)
-    official = official.set_index("id").loc[list(ids), list(METRICS)].add_prefix(OFFICIAL_PREFIX)
+    official = official.set_index("id").loc[list(ids), list(OFFICIAL_METRICS)].add_prefix(OFFICIAL_PREFIX)
     return pd.concat([table, official.reset_index(drop=True)], axis=1)
 
 
@@ -337,9 +337,10 @@ def _official_table(scores: Sequence[RowScores], sizes: str) -> list[str]:
     lines = ["## Official ISIC 2018 Task 1 score (masks at each image's original size)", "",
              f"Every row's masks resized to the image's original size ({sizes}; bilinear, cut at 0.5) and "
              "scored by the official scorer, isic-challenge-scoring (its loading, binarisation and metrics); "
-             "per-image metrics, macro-averaged.", ""]
-    return lines + _header(METRIC_HEADERS.values()) + _metric_rows([(s.row.label, s.official_means)
-                                                                      for s in scores])
+             "per-image metrics, macro-averaged; HD95 in pixels at the original size, over the images where neither "
+             "mask is empty.", ""]
+    return lines + _header([*METRIC_HEADERS.values(), "HD95 (px)"]) + _metric_rows(
+        [(s.row.label, s.official_means) for s in scores], ("hd95",))
 
 
 def _working_table(scores: Sequence[RowScores], resolution: int, n_outputs: int) -> list[str]:
