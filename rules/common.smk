@@ -51,9 +51,12 @@ def check_config(cfg):
 
 
 def check_predict(predict, cfg):
-    """The prediction folder must exist; a given bundle must exist and match the config's model settings."""
+    """The prediction folders must exist; a given bundle must exist and match the config's model settings."""
     if predict["images"] is not None and not os.path.isdir(predict["images"]):
         _fail("predict.images", predict["images"], "an existing folder of JPEG/PNG/BMP images, or null")
+    if predict["masks"] is not None and (predict["images"] is None or not os.path.isdir(predict["masks"])):
+        _fail("predict.masks", predict["masks"], "an existing folder of masks of the predict.images images "
+              "(<id>_segmentation.png or <id>.png), with predict.images set; or null")
     if predict["bundle"] is not None:
         if not os.path.isfile(predict["bundle"]):
             _fail("predict.bundle", predict["bundle"], "an existing model bundle file (rule export_bundle "
@@ -146,6 +149,8 @@ def baseline_checkpoint(wildcards):
 
 
 PREDICT_OUTPUTS = [f"{P}/masks", f"{P}/maps", f"{P}/review_queue.csv", f"{P}/contact_sheet.png"]
+if config["predict"]["masks"] is not None:
+    PREDICT_OUTPUTS += [f"{P}/metrics.csv", f"{P}/table.md"]  # rule score_predictions
 
 
 # The inference method's entry in diffseg.methods: the trained files its maps read besides the DDPM
@@ -198,4 +203,5 @@ localrules:
     export_bundle,
     unpack_bundle,
     predict_outputs,
+    score_predictions,
     risk_figures,
