@@ -264,3 +264,23 @@ def test_an_image_without_its_mask_is_named(tmp_path):
     with pytest.raises(InputError, match=f"{ids[3]}.png: image has no mask .expected {ids[3]}_segmentation.png"):
         score(tmp_path, images, truth_dir, pred_dir)
     assert not (tmp_path / "predict" / "metrics.csv").exists() and not (tmp_path / "predict" / "table.md").exists()
+
+
+def test_given_masks_add_the_scoring_rule_and_a_missing_masks_folder_is_refused(tmp_path):
+    """Dry runs: predict.masks plans rule score_predictions after predict_outputs; a folder that is not there
+    (or masks without images) stops Snakemake before any rule, naming the key."""
+    from test_workflow import planned_jobs
+
+    wf = workflow_copy(tmp_path / "wf")
+    images = unlabelled_images(tmp_path / "new_images")
+    (tmp_path / "masks").mkdir()
+    for predict, planned in (({"images": str(images), "masks": str(tmp_path / "masks")}, True),
+                             ({"images": str(images), "masks": str(tmp_path / "absent")}, False),
+                             ({"masks": str(tmp_path / "masks")}, False)):
+        (wf / "predict.yaml").write_text(yaml.safe_dump({"predict": predict}))
+        run = snakemake(wf, "-n", configfiles=("test.yaml", "predict.yaml"))
+        if planned:
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert planned_jobs(run.stdout)["score_predictions"] == 1
+        else:
+            assert run.returncode != 0 and "Invalid config value predict.masks" in run.stdout + run.stderr
