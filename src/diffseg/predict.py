@@ -23,7 +23,7 @@ from diffseg.h5io import match_rows, read_h5
 from diffseg.export import export_masks
 from diffseg.imageio import InputError, resize_float, write_grey_png
 from diffseg.bundle import optional_member
-from diffseg.metrics import OFFICIAL_METRICS, PNG_SUFFIX, aggregate, auroc, score_png_pairs
+from diffseg.metrics import PNG_SUFFIX, aggregate, auroc, score_png_pairs
 from diffseg.review import write_review_queue
 from diffseg.risk import apply_risk, format_score, load_risk_model, split_features
 from diffseg.uncertainty import mask_free_scores
