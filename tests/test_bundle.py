@@ -256,6 +256,8 @@ UNTRUSTED = {
                     "sha256 of member 'calibration.h5' must be 64 lower-case hex digits, got 12"),
     "content_hash_not_hex": (dict(edit=lambda m: m.update(content_sha256="z" * 64), rehash=False),
                              "content_sha256 must be 64 lower-case hex digits"),
+    "unknown_method": (dict(edit=lambda m: m["settings"]["inference"].update(method="bogus")),
+                       "manifest.json settings: inference.method must be one of"),
     "not_an_object": (dict(manifest_text=lambda m: json.dumps([m])),
                       "manifest.json is not a JSON object (holds a list)"),
 }

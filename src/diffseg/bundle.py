@@ -35,7 +35,7 @@ from pathlib import Path
 import diffseg
 from diffseg.atomic import atomic_path, file_sha256
 from diffseg.imageio import InputError
-from diffseg.methods import DEFAULT as DEFAULT_METHOD, inference_method
+from diffseg.methods import DEFAULT as DEFAULT_METHOD, METHODS, inference_method
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,10 @@ def read_manifest(bundle_path: str | os.PathLike) -> dict:
         names = set(zf.namelist())
     manifest = parse_manifest(bundle_path, raw)
     check_manifest_fields(bundle_path, manifest)
-    required = required_members(manifest["settings"])
+    try:
+        required = required_members(manifest["settings"])
+    except ValueError as err:  # e.g. an inference.method this diffseg does not know
+        raise BundleError(bundle_path, f"{MANIFEST} settings: {err}") from err
     listed = (*required, *manifest["members"], *manifest.get("optional_members", []))
     absent = sorted({m for m in listed if m not in names or m not in manifest["members"]})
     if absent:
@@ -278,8 +281,9 @@ _JSON_NAMES = {dict: "object", list: "array", str: "string"}
 
 
 def known_members() -> frozenset[str]:
-    """Every member name a bundle may hold: plain file names, none of them a path."""
-    return frozenset({MANIFEST, *REQUIRED_MEMBERS, *OPTIONAL_MEMBERS})
+    """Every member name a bundle may hold (every method's trained files too): plain file names, no paths."""
+    methods = {name for method in METHODS.values() for name in method.bundle_members}
+    return frozenset({MANIFEST, *REQUIRED_MEMBERS, *OPTIONAL_MEMBERS, *methods})
 
 
 def check_member_name(bundle_path: str | os.PathLike, name, where: str) -> None:
