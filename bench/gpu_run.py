@@ -300,9 +300,9 @@ def training_summary(log: Path) -> dict:
 
 
 def inference_logs(R: Path) -> dict:
-    """images/s that each noise_difference job logged (its whole split, first batch included)."""
+    """images/s that each infer job logged (its whole split, first batch included)."""
     found = {}
-    for log in sorted((R / "logs/noise_difference").glob("*.log")):
+    for log in sorted((R / "logs/infer").glob("*.log")):
         match = re.search(r"(\d+) images in ([\d.]+) s \(([\d.]+) images/s\)", log.read_text())
         if match:
             found[log.stem] = {"images": int(match[1]), "seconds": float(match[2]), "images_per_s": float(match[3])}

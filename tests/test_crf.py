@@ -4,10 +4,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from diffseg.crf import CRFSettings, crf_fusion, dense_crf, run_crf
+from diffseg.crf import crf_fusion, dense_crf, run_crf
 from diffseg.export import export_masks, write_original_size_pngs
 from diffseg.imageio import InputError, read_mask
 from diffseg.seeding import image_rng
+from diffseg.settings import CRFSettings
 
 
 def _dice(a, b):

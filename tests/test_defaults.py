@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffseg import (calibration, data, ddpm, demo, evaluate, export, features, figures, postprocess, predict, risk,
-                     settings, unet)
+from diffseg import (calibration, data, ddpm, demo, evaluate, export, features, figures, figures_risk, postprocess,
+                     predict, risk, settings, unet)
 from diffseg.augment import PairedAugment
 from diffseg.schedule import linear_betas
 
@@ -46,7 +46,8 @@ CONSUMERS = {
     # rules fit_risk and risk_figures pass evaluate.fail_dice (the risk model's target)
     "evaluate": [evaluate.run_evaluate, figures.run_figures, export.export_masks,
                  *[(fn, {"fail_dice": "fail_dice"}) for fn in (risk.run_fit_risk, risk.fit_risk,
-                                                               figures.run_risk_figures)]],
+                                                               figures_risk.run_risk_figures,
+                                                               predict.score_predictions)]],
     "figures": [figures.run_figures],
     "predict": [predict.write_predictions],
 }
@@ -54,7 +55,7 @@ CONSUMERS = {
 PASSED_DIFFERENTLY = {
     "inference": {"splits"},  # the rule's split wildcard
     "baselines": {"methods"},  # which predict/train jobs exist
-    "predict": {"images", "bundle"},  # the rules' inputs (rules/predict.smk)
+    "predict": {"images", "bundle", "masks"},  # the rules' inputs (rules/predict.smk)
     "features": {"targets", "teacher"},  # rule teacher_masks (its inference settings); the head gets its file
 }
 

@@ -10,11 +10,11 @@ import torch
 import diffseg.features as features
 from diffseg.ddpm import build_model
 from diffseg.features import (FeatureHead, InputSampler, StreamedInputs, feature_inputs, fit_head, head_probabilities, input_channels,
-                              load_head, resolve_blocks, run_feature_inference, run_teacher_masks, split_inputs,
+                              load_head, resolve_blocks, run_teacher_masks, split_inputs,
                               train_feature_head)
-from diffseg.inference import InferenceSettings, noise_difference, run_inference
+from diffseg.inference import noise_difference, run_inference
 from diffseg.schedule import Schedule
-from diffseg.settings import HeadSettings
+from diffseg.settings import HeadSettings, InferenceSettings
 from diffseg.train import CheckpointError, load_checkpoint, save_checkpoint
 
 RES = 16
@@ -238,7 +238,7 @@ def test_training_reads_only_train_and_val_and_inference_writes_the_standard_lay
 
     out = tmp_path / "test.h5"
     settings = InferenceSettings(timesteps=TIMESTEPS, noise_draws=2, method="features", device="cpu", batch_images=3)
-    run_feature_inference(dataset_h5, ddpm, tmp_path / "head.pt", out, settings, split="test")
+    run_inference(dataset_h5, ddpm, out, settings, split="test", artefacts={"head": tmp_path / "head.pt"})
     with h5py.File(out) as fh:
         assert fh["maps"].shape == (4, 2, RES, RES) and fh["binary"].shape == (4, 2, RES, RES)
         assert list(fh["timesteps"][()]) == TIMESTEPS and fh.attrs["normalise"] == "none"
@@ -247,7 +247,7 @@ def test_training_reads_only_train_and_val_and_inference_writes_the_standard_lay
         assert np.array_equal(fh["binary"][()][clear], (maps > 0.5)[clear])
     assert 0 <= maps.min() and maps.max() <= 1
     again = tmp_path / "again.h5"
-    run_feature_inference(dataset_h5, ddpm, tmp_path / "head.pt", again, settings, split="test")
+    run_inference(dataset_h5, ddpm, again, settings, split="test", artefacts={"head": tmp_path / "head.pt"})
     with h5py.File(again) as fh:
         assert np.array_equal(fh["maps"][()].astype(np.float32), maps)
 
@@ -256,15 +256,16 @@ def test_inference_refuses_a_head_of_other_timesteps_or_another_ddpm(files, tmp_
     dataset_h5, ddpm = files
     train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[3]),
                        INPUTS)
-    head = tmp_path / "head.pt"
+    head = {"head": tmp_path / "head.pt"}
     feat = dict(method="features", device="cpu")
     with pytest.raises(CheckpointError, match=r"timesteps \[5, 20\]"):
-        run_feature_inference(dataset_h5, ddpm, head, tmp_path / "a.h5", InferenceSettings(timesteps=[5, 30], **feat))
+        run_inference(dataset_h5, ddpm, tmp_path / "a.h5", InferenceSettings(timesteps=[5, 30], **feat), artefacts=head)
     other = write_ddpm(tmp_path / "other.pt", seed=1)
     with pytest.raises(CheckpointError, match="another DDPM"):
-        run_feature_inference(dataset_h5, other, head, tmp_path / "b.h5",
-                              InferenceSettings(timesteps=TIMESTEPS, **feat))
-    with pytest.raises(ValueError, match="needs the trained head"):
+        run_inference(dataset_h5, other, tmp_path / "b.h5", InferenceSettings(timesteps=TIMESTEPS, **feat),
+                      artefacts=head)
+    with pytest.raises(ValueError, match=r"'features' needs its trained file\(s\) 'head' \(models/feature_head.pt, "
+                                         r"made by rule train_feature_head\)"):
         run_inference(dataset_h5, ddpm, tmp_path / "c.h5", InferenceSettings(timesteps=TIMESTEPS, **feat))
     assert not list(tmp_path.glob("[abc].h5"))
     with pytest.raises(CheckpointError, match="expected 'feature_head'"):

@@ -50,11 +50,11 @@ def test_training_summary_of_a_run_that_did_all_its_steps(tmp_path):
 
 
 def test_rule_seconds_read_from_benchmark_files(tmp_path):
-    (tmp_path / "noise_difference").mkdir()
+    (tmp_path / "infer").mkdir()
     header = "s\th:m:s\tmax_rss\n"
     (tmp_path / "train_ddpm.tsv").write_text(header + "245.1234\t0:04:05\t900\n")
-    (tmp_path / "noise_difference/test_shard-0.tsv").write_text(header + "12.5\t0:00:12\t800\n")
-    assert gpu_run.rule_seconds(tmp_path) == {"noise_difference/test_shard-0": 12.5, "train_ddpm": 245.12}
+    (tmp_path / "infer/test_shard-0.tsv").write_text(header + "12.5\t0:00:12\t800\n")
+    assert gpu_run.rule_seconds(tmp_path) == {"infer/test_shard-0": 12.5, "train_ddpm": 245.12}
 
 
 def test_a_command_past_the_budget_is_stopped(tmp_path):
@@ -89,7 +89,7 @@ def test_dry_mode_runs_every_step_and_writes_the_eight_files(tmp_path):
     assert [s["rc"] for s in record["steps"].values()] == [0, 0, 0, 0]
     assert list(record["steps"]) == ["train_ddpm", "default", "paper", "infer_bench"]
     rules = record["steps"]["default"]["rules_s"]
-    assert {"train_ddpm", "train_baseline/unet", "noise_difference/test_shard-0", "evaluate"} <= set(rules)
+    assert {"train_ddpm", "train_baseline/unet", "infer/test_shard-0", "evaluate"} <= set(rules)
     training = record["training"]
     assert training["stopped_by"] == "max_minutes" and training["steps_reached"] >= 1  # the budget, not the steps
     bench = record["inference_bench"]

@@ -30,13 +30,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import zipfile
 from pathlib import Path
 
 import diffseg
 from diffseg.atomic import atomic_path, file_sha256
 from diffseg.imageio import InputError
+from diffseg.methods import DEFAULT as DEFAULT_METHOD, METHODS, inference_method
 from diffseg.settings import OUTPUT_DEFINING, RECORDED_ONLY, RUNTIME_DEFINING, sections_of
 
 logger = logging.getLogger(__name__)
@@ -63,10 +66,10 @@ class BundleError(InputError):
 
 
 def required_members(settings: dict) -> tuple[str, ...]:
-    """The members a bundle with these settings cannot predict without: the features method needs its head."""
-    if (settings.get("inference") or {}).get("method") == "features":
-        return (*REQUIRED_MEMBERS, FEATURE_HEAD)
-    return REQUIRED_MEMBERS
+    """The members a bundle with these settings cannot predict without: DDPM, calibration and the trained files
+    of its inference method (diffseg.methods; features: the head)."""
+    method = inference_method((settings.get("inference") or {}).get("method", DEFAULT_METHOD))
+    return (*REQUIRED_MEMBERS, *method.bundle_members)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -256,13 +259,20 @@ def optional_member(bundle_path: str | os.PathLike, name: str) -> bytes | None:
 
 
 def _open(bundle_path: str | os.PathLike) -> zipfile.ZipFile:
+    """The bundle's zip archive, its directory checked (check_directory) before any member is read."""
     path = Path(bundle_path)
     if not path.is_file():
         raise BundleError(path, "model bundle not found")
     try:
-        return zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         raise BundleError(path, f"not a model bundle (not a readable zip archive: {err})") from err
+    try:
+        check_directory(path, zf)
+    except BundleError:
+        zf.close()
+        raise
+    return zf
 
 
 def _member_sha256(zf: zipfile.ZipFile, name: str) -> str | None:
@@ -278,49 +288,191 @@ def _member_sha256(zf: zipfile.ZipFile, name: str) -> str | None:
 
 
 def read_manifest(bundle_path: str | os.PathLike) -> dict:
-    """The bundle's manifest, checked for the keys and members it must have (no hashing)."""
+    """The bundle's manifest, checked for the keys, types and members it must have (no hashing)."""
     with _open(bundle_path) as zf:
         if MANIFEST not in zf.namelist():
             raise BundleError(bundle_path, f"not a model bundle (no {MANIFEST})")
         try:
-            manifest = json.loads(zf.read(MANIFEST))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BundleError(bundle_path, f"{MANIFEST} is not valid JSON ({err})") from err
+            raw = zf.read(MANIFEST)
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise BundleError(bundle_path, f"{MANIFEST} cannot be read from the archive ({err})") from err
         names = set(zf.namelist())
-    missing = [k for k in ("format_version", "settings", "members", "content_sha256") if k not in manifest]
-    if missing:
-        raise BundleError(bundle_path, f"{MANIFEST} lacks {missing}")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise BundleError(bundle_path, f"bundle format {manifest['format_version']} is newer than this diffseg "
-                          f"({diffseg.__version__}) reads (format {FORMAT_VERSION}): update diffseg")
-    required = required_members(manifest["settings"])
-    absent = sorted({m for m in (*required, *manifest["members"]) if m not in names or m not in manifest["members"]})
+    manifest = parse_manifest(bundle_path, raw)
+    check_manifest_fields(bundle_path, manifest)
+    try:
+        required = required_members(manifest["settings"])
+    except ValueError as err:  # e.g. an inference.method this diffseg does not know
+        raise BundleError(bundle_path, f"{MANIFEST} settings: {err}") from err
+    listed = (*required, *manifest["members"], *manifest.get("optional_members", []))
+    absent = sorted({m for m in listed if m not in names or m not in manifest["members"]})
     if absent:
         raise BundleError(bundle_path, f"incomplete bundle: member(s) {absent} "
                           "missing")
+    unlisted = sorted(names - set(manifest["members"]) - {MANIFEST})
+    if unlisted:
+        raise BundleError(bundle_path, f"member(s) {unlisted} are not listed in {MANIFEST} (their content cannot be "
+                          "checked): refused")
     return manifest
 
 
 def load_bundle(bundle_path: str | os.PathLike, out_dir: str | os.PathLike, config: dict) -> dict:
     """Check a bundle against ``config``, verify every member's hash and extract the members into out_dir.
 
-    Returns the manifest. Nothing is left in out_dir when a check fails (members go to temporary
-    names first).
+    Returns the manifest. Every check (names, manifest, settings, hashes) passes before anything is
+    written; the members then go to a temporary folder beside out_dir and are renamed into it, so a
+    failure leaves nothing in out_dir.
     """
     manifest = read_manifest(bundle_path)
     check_settings(bundle_path, manifest["settings"], config)
     if content_sha256(manifest["settings"], manifest["members"]) != manifest["content_sha256"]:
         raise BundleError(bundle_path, f"{MANIFEST} was altered: its content hash does not match")
-    out_dir = Path(out_dir)
     with _open(bundle_path) as zf:
         for name, expected in manifest["members"].items():  # verify everything before writing anything
             if _member_sha256(zf, name) != expected:
                 raise BundleError(bundle_path, f"member {name} is corrupt (sha256 differs from the manifest)")
-        for name in manifest["members"]:
-            with atomic_path(out_dir / name) as tmp, zf.open(name) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    unpack_members(bundle_path, manifest, Path(out_dir))
     logger.info("model bundle %s (content sha256 %s) checked and unpacked into %s", bundle_path,
                 manifest["content_sha256"], out_dir)
     return manifest
+
+
+# ----------------------------------------------------------------------------- an untrusted archive
+# A bundle may come from anywhere: every name it holds is one of the plain file names below (so no
+# member can be written outside the unpack folder), and the manifest is checked for repeated keys and
+# for the type of every field before any of it is used.
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MANIFEST_TYPES = {"settings": dict, "members": dict, "diffseg_version": str, "training_data": str,
+                   "optional_members": list}
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}
+
+
+def known_members() -> frozenset[str]:
+    """Every member name a bundle may hold (every method's trained files too): plain file names, no paths."""
+    methods = {name for method in METHODS.values() for name in method.bundle_members}
+    return frozenset({MANIFEST, *REQUIRED_MEMBERS, *OPTIONAL_MEMBERS, *methods})
+
+
+def check_member_name(bundle_path: str | os.PathLike, name, where: str) -> None:
+    """Refuse a member name that is not a known plain file name (a path could point outside the unpack folder)."""
+    if isinstance(name, str) and name in known_members():
+        return
+    if isinstance(name, str) and ("/" in name or "\\" in name or ".." in name or os.path.isabs(name)):
+        raise BundleError(bundle_path, f"{where} names an unsafe member {name!r} (a path, not a plain file name; "
+                          "it could be written outside the unpack folder): refused, nothing unpacked")
+    raise BundleError(bundle_path, f"{where} names an unknown member {name!r}; a bundle holds only "
+                      f"{sorted(known_members())}")
+
+
+def check_directory(bundle_path: str | os.PathLike, zf: zipfile.ZipFile) -> None:
+    """Refuse a zip directory that lists a name twice, an unknown or unsafe name, or an entry that is not a file."""
+    seen: set[str] = set()
+    for info in zf.infolist():
+        name = info.filename
+        if name in seen:
+            raise BundleError(bundle_path, f"the zip directory lists member {name!r} twice (which copy is meant?)")
+        seen.add(name)
+        kind = stat.S_IFMT(info.external_attr >> 16)  # the Unix file type zip tools record; 0 = not recorded
+        if info.is_dir() or kind == stat.S_IFDIR:
+            raise BundleError(bundle_path, f"member {name!r} is a directory, not a file")
+        if kind not in (0, stat.S_IFREG):
+            raise BundleError(bundle_path, f"member {name!r} is not a plain file (a link or special file)")
+        check_member_name(bundle_path, name, "the zip directory")
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a key given twice would let two readers see two different manifests."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise _RepeatedKey(f"repeats the key(s) {repeated}")
+    return dict(pairs)
+
+
+def parse_manifest(bundle_path: str | os.PathLike, raw: bytes) -> dict:
+    """The manifest's JSON object; invalid JSON, a repeated key or another JSON type is a BundleError."""
+    try:
+        manifest = json.loads(raw, object_pairs_hook=_refuse_repeated_keys)
+    except _RepeatedKey as err:
+        raise BundleError(bundle_path, f"{MANIFEST} {err} (which value is meant?)") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(bundle_path, f"{MANIFEST} is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise BundleError(bundle_path, f"{MANIFEST} is not a JSON object (holds a {type(manifest).__name__})")
+    return manifest
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
+
+
+def check_manifest_fields(bundle_path: str | os.PathLike, manifest: dict) -> None:
+    """Refuse a manifest that lacks a key or holds a field of the wrong type (each named with the problem)."""
+    missing = [k for k in ("format_version", "settings", "members", "content_sha256") if k not in manifest]
+    if missing:
+        raise BundleError(bundle_path, f"{MANIFEST} lacks {missing}")
+    version = manifest["format_version"]
+    if type(version) is not int or version < 1:  # type(): True is an int to isinstance
+        raise BundleError(bundle_path, f"{MANIFEST} format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise BundleError(bundle_path, f"bundle format {version} is newer than this diffseg "
+                          f"({diffseg.__version__}) reads (format {FORMAT_VERSION}): update diffseg")
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise BundleError(bundle_path, f"{MANIFEST} {key} must be a JSON {_JSON_NAMES[kind]}, not a "
+                              f"{type(manifest[key]).__name__}")
+    check_settings_fields(bundle_path, manifest["settings"], version)
+    if not _is_sha256(manifest["content_sha256"]):
+        raise BundleError(bundle_path, f"{MANIFEST} content_sha256 must be 64 lower-case hex digits, got "
+                          f"{manifest['content_sha256']!r}")
+    for name, digest in manifest["members"].items():
+        check_member_name(bundle_path, name, f"{MANIFEST} members")
+        if name == MANIFEST:
+            raise BundleError(bundle_path, f"{MANIFEST} members lists the manifest itself")
+        if not _is_sha256(digest):
+            raise BundleError(bundle_path, f"{MANIFEST} sha256 of member {name!r} must be 64 lower-case hex "
+                              f"digits, got {digest!r}")
+    for name in manifest.get("optional_members", []):
+        check_member_name(bundle_path, name, f"{MANIFEST} optional_members")
+
+
+def check_settings_fields(bundle_path: str | os.PathLike, settings: dict, version: int) -> None:
+    """Refuse settings of the wrong layout: from format 2 one JSON object per config section with the
+    ``runtime`` an object of RUNTIME_DEFINING strings; format 1 had ``prepare.resolution`` as a flat key."""
+    sections = [key for key in settings if version >= 2 or key != "prepare.resolution"]
+    for section in sections:
+        if not isinstance(settings[section], dict):
+            raise BundleError(bundle_path, f"{MANIFEST} settings.{section} must be a JSON object (format {version} "
+                              f"records settings by config section), got {settings[section]!r}")
+    if version < 2 and "runtime" not in settings:
+        return  # format 1 recorded no runtime; check_runtime refuses such a bundle where it predicts
+    runtime = settings.get("runtime")
+    if runtime is None:
+        raise BundleError(bundle_path, f"{MANIFEST} settings lack the runtime ({list(RUNTIME_DEFINING)}) that "
+                          f"format {version} records")
+    wrong = [key for key in RUNTIME_DEFINING if not isinstance(runtime.get(key), str)]
+    if wrong:
+        raise BundleError(bundle_path, f"{MANIFEST} settings.runtime must hold the strings {list(RUNTIME_DEFINING)}; "
+                          f"{wrong} missing or not a string")
+
+
+def unpack_members(bundle_path: str | os.PathLike, manifest: dict, out_dir: Path) -> None:
+    """Copy the (checked) members and the manifest into a temporary folder beside out_dir, then rename them in."""
+    staging = out_dir.with_name(f".{out_dir.name}.unpack-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with _open(bundle_path) as zf:
+            for name in manifest["members"]:
+                with zf.open(name) as src, open(staging / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (*manifest["members"], MANIFEST):  # the manifest last: it marks a complete unpack
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -78,6 +78,11 @@ def truth_mask_files(data_dir: str | os.PathLike, ids: list[str]) -> dict[str, P
     return {image_id: masks[image_id] for image_id in ids}
 
 
+def mask_files(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> dict[str, Path]:
+    """The mask file of every image in ``image_dir``, by id, paired as the dataset's are (``_match_pairs``)."""
+    return {image_id: mask for image_id, _, mask in _match_pairs(Path(image_dir), Path(mask_dir))}
+
+
 def image_files(folder: Path) -> dict[str, Path]:
     """Image files of a folder by stem; other files (LICENSE.txt, ATTRIBUTION.txt) are ignored."""
     files = {}

@@ -38,9 +38,9 @@ from diffseg.baselines import dice_bce_loss, mean_dice, supervised_train_setting
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.imageio import InputError
-from diffseg.inference import check_timesteps, draw_noise, file_sha256, run_inference
+from diffseg.inference import check_timesteps, draw_noise, file_sha256, paired_forward, run_inference
 from diffseg.h5io import match_rows, read_h5, write_ids
-from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
+from diffseg.runtime import resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
 from diffseg.settings import HeadSettings, InferenceSettings
 from diffseg.train import CheckpointError, EarlyStopping, RunFiles, Trainer, load_checkpoint, seeded
@@ -83,27 +83,27 @@ def feature_inputs(model, schedule: Schedule, images: torch.Tensor, timesteps: S
                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, T, C, H, W) float32 head inputs of images (B, 3, H, W) for one noise draw eps (B, 3, H, W).
 
-    One forward call holds every image x timestep x label (batch 2*B*T), c0 and c1 on the same x_t.
+    One forward call holds every image x timestep x label (batch 2*B*T), c0 and c1 on the same x_t
+    (diffseg.inference.paired_forward).
     """
     check_inputs(use_features, use_difference, use_noise)
     b, _, h, w = images.shape
-    n_t, device = len(timesteps), images.device
-    t_flat = torch.as_tensor(list(timesteps), dtype=torch.long, device=device).repeat(b)  # image-major
-    x_t = schedule.q_sample(images.repeat_interleave(n_t, dim=0), t_flat, eps.to(images).repeat_interleave(n_t, dim=0))
-    y = torch.cat([torch.full((b * n_t,), label, dtype=torch.long, device=device) for label in LABELS])
-    with torch.inference_mode(), autocast(device, autocast_dtype):
-        pred, acts = model.forward_with_features(torch.cat([x_t, x_t]), torch.cat([t_flat, t_flat]), y, blocks)
+    pair = paired_forward(model, schedule, images, timesteps, eps, labels=LABELS, autocast_dtype=autocast_dtype,
+                          blocks=blocks)
+
+    def upsampled(acts) -> torch.Tensor:
+        return torch.cat([F.interpolate(a.float(), size=(h, w), mode="bilinear", align_corners=False)
+                          for a in acts], dim=1)
+
     parts = []
-    upsampled = [F.interpolate(a.float(), size=(h, w), mode="bilinear", align_corners=False) for a in acts]
-    h0, h1 = torch.cat(upsampled, dim=1).chunk(2)
+    h0, h1 = upsampled(pair.features_c0), upsampled(pair.features_c1)
     if use_features:
         parts.append(h1)
     if use_difference:
         parts.append((h0 - h1).abs())
     if use_noise:
-        eps_c0, eps_c1 = pred.float().chunk(2)
-        parts.append((eps_c0 - eps_c1).abs().mean(dim=1, keepdim=True))
-    return torch.cat(parts, dim=1).reshape(b, n_t, -1, h, w)
+        parts.append((pair.noise_c0 - pair.noise_c1).abs().mean(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1).reshape(b, len(timesteps), -1, h, w)
 
 
 def split_inputs(model, schedule: Schedule, ids: Sequence[str], images_uint8: np.ndarray,
@@ -381,21 +381,20 @@ def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, i
     return total / noise.shape[1]
 
 
-def run_feature_inference(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.PathLike,
-                          head_checkpoint: str | os.PathLike, out_h5: str | os.PathLike,
-                          settings: InferenceSettings, *, split: str = "test", shard: int = 0,
-                          n_shards: int = 1) -> dict:
-    """inference.method features for one shard of a split -> out_h5, in the inference.h5 layout (run_inference)."""
-    if settings.method != "features":
-        raise ValueError(f"run_feature_inference needs inference.method 'features', got {settings.method!r}")
-    head, head_cfg = load_head(head_checkpoint, ddpm_checkpoint, resolve_device(settings.device))
-    check_head_timesteps(head_cfg, settings.timesteps, head_checkpoint)
+def head_maps(settings: InferenceSettings, checkpoint: str | os.PathLike, head: str | os.PathLike):
+    """The maps function of inference.method features (diffseg.methods): the trained head's lesion probabilities.
 
-    def maps_fn(model, schedule, images, timesteps, noise, autocast_dtype):
-        return feature_maps(model, head, head_cfg, schedule, images, timesteps, noise, autocast_dtype)
+    Loads the head (``head``: feature_head.pt of rule train_feature_head) once and refuses one trained on
+    another DDPM than ``checkpoint`` or for other timesteps; run_inference writes its maps in the inference.h5
+    layout.
+    """
+    net, head_cfg = load_head(head, checkpoint, resolve_device(settings.device))
+    check_head_timesteps(head_cfg, settings.timesteps, head)
 
-    return run_inference(dataset_h5, ddpm_checkpoint, out_h5, settings, split=split, shard=shard, n_shards=n_shards,
-                         maps_fn=maps_fn)
+    def maps_fn(model, schedule, images, timesteps, noise, autocast_dtype=None):
+        return feature_maps(model, net, head_cfg, schedule, images, timesteps, noise, autocast_dtype)
+
+    return maps_fn
 
 
 # ----------------------------------------------------------------------------- weak supervision (rule teacher_masks)

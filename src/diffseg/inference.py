@@ -1,12 +1,13 @@
 """Noise-difference maps (paper eq. 2): |eps(x_t, c0, t) - eps(x_t, c1, t)| per image and timestep.
 
-About 350 lines: the settings, the two model passes (eq. 2 and the DDIM reconstruction lever) and the
-inference.h5 writer of one stage; post-processing, schedule and runtime live in their own modules.
+About 400 lines: the settings, the model passes (the paired c0/c1 forward pass every method builds on, eq. 2
+and the DDIM reconstruction lever) and the inference.h5 writer of one stage (rule infer); post-processing,
+schedule and runtime live in their own modules, the per-method choices in diffseg.methods.
 
-Pipeline per batch of images: draw per-image noise -> one forward call per noise draw covering all
-images x timesteps x both labels -> raw maps (T, H, W) per image -> per-image post-processing
-(diffseg.postprocess: normalise, binarize) -> rows of ``inference.h5`` (layout in docs/ARCHITECTURE.md).
-The ``inference`` config section arrives once, as :class:`diffseg.settings.InferenceSettings`.
+Pipeline per batch of images: draw per-image noise -> the method's maps function (paper: one forward
+call per noise draw covering all images x timesteps x both labels) -> raw maps (T, H, W) per image ->
+per-image post-processing (diffseg.postprocess: normalise, binarize) -> rows of ``inference.h5`` (layout
+in docs/ARCHITECTURE.md). The ``inference`` config section arrives once, as :class:`diffseg.settings.InferenceSettings`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -27,6 +30,7 @@ from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.h5io import write_ids
 from diffseg.imageio import InputError
+from diffseg.methods import inference_method
 from diffseg.postprocess import postprocess_image
 from diffseg.runtime import (autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, resolved_runtime,
                              to_model_range)
@@ -36,6 +40,7 @@ from diffseg.settings import InferenceSettings
 from diffseg.shards import shard_indices
 
 logger = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------- the model passes
 
@@ -60,6 +65,60 @@ def _label_batch(labels: tuple[int, int], n: int, device: torch.device) -> torch
     return torch.cat([torch.full((n,), label, dtype=torch.long, device=device) for label in labels])
 
 
+@dataclass(frozen=True)
+class PairedPass:
+    """The model's outputs under labels[0] (c0) and labels[1] (c1) on the same x_t, from one forward call.
+
+    Rows are image-major over (image, timestep): row i * T + k is image i at timesteps[k]. ``noise_c0`` and
+    ``noise_c1`` are the predicted noise in float32; ``features_c0``/``features_c1`` hold the requested
+    decoder blocks' activations (in the model's output dtype), empty unless blocks were asked for.
+    """
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    noise_c0: torch.Tensor
+    noise_c1: torch.Tensor
+    features_c0: tuple[torch.Tensor, ...] = ()
+    features_c1: tuple[torch.Tensor, ...] = ()
+
+
+def paired_forward(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    images: torch.Tensor,
+    timesteps: Sequence[int],
+    eps: torch.Tensor,
+    *,
+    labels: tuple[int, int] = (0, 1),
+    autocast_dtype: torch.dtype | None = None,
+    blocks: Sequence[int] | None = None,
+    channels_last: bool = False,
+) -> PairedPass:
+    """x_t of images (B, 3, H, W) at every timestep with one noise draw eps (B, 3, H, W), and the model run
+    under both labels on it in one forward call of batch 2*B*T (c0 rows first, then c1).
+
+    ``blocks``: also return these decoder blocks' activations (``model.forward_with_features``).
+    ``channels_last``: feed the batch in channels_last (the inference stage's model is channels_last on CUDA).
+    """
+    b, n_t, device = images.shape[0], len(timesteps), images.device
+    with torch.inference_mode():
+        t_flat = torch.as_tensor(list(timesteps), dtype=torch.long, device=device).repeat(b)  # image-major
+        eps_flat = eps.to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
+        x_t = schedule.q_sample(images.repeat_interleave(n_t, dim=0), t_flat, eps_flat)
+        x_in = torch.cat([x_t, x_t])
+        if channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        t_in, y = torch.cat([t_flat, t_flat]), _label_batch(labels, b * n_t, device)
+        with autocast(device, autocast_dtype):
+            if blocks is None:
+                pred, acts = model(x_in, t_in, y), []
+            else:
+                pred, acts = model.forward_with_features(x_in, t_in, y, blocks)
+        noise_c0, noise_c1 = pred.float().chunk(2)
+        halves = [a.chunk(2) for a in acts]
+    return PairedPass(x_t, t_flat, noise_c0, noise_c1, tuple(h[0] for h in halves), tuple(h[1] for h in halves))
+
+
 def noise_difference(
     model: torch.nn.Module,
     schedule: Schedule,
@@ -71,27 +130,17 @@ def noise_difference(
 ) -> torch.Tensor:
     """(B, T, H, W) float32: mean over noise draws of channel-mean |eps_c0 - eps_c1| on the same x_t.
 
-    One forward call per draw holds every image x timestep x label (batch 2*B*T).
+    One forward call per draw holds every image x timestep x label (batch 2*B*T, :func:`paired_forward`).
     """
     b, _, h, w = _check_noise(images, noise)
     device = images.device
     n_t = len(timesteps)
-    t_per_image = torch.as_tensor(list(timesteps), dtype=torch.long, device=device)
-    t_flat = t_per_image.repeat(b)  # image-major: (b0 t0, b0 t1, ..., b1 t0, ...)
-    x0_flat = images.repeat_interleave(n_t, dim=0)
-    y = _label_batch(labels, b * n_t, device)
     total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for d in range(noise.shape[1]):
-            eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
-            x_t = schedule.q_sample(x0_flat, t_flat, eps)
-            x_in = torch.cat([x_t, x_t])
-            if device.type == "cuda":
-                x_in = x_in.contiguous(memory_format=torch.channels_last)
-            with autocast(device, autocast_dtype):
-                pred = model(x_in, torch.cat([t_flat, t_flat]), y)
-            eps_c0, eps_c1 = pred.float().chunk(2)
-            total += (eps_c0 - eps_c1).abs().mean(dim=1).reshape(b, n_t, h, w)
+            pair = paired_forward(model, schedule, images, timesteps, noise[:, d], labels=labels,
+                                  autocast_dtype=autocast_dtype, channels_last=device.type == "cuda")
+            total += (pair.noise_c0 - pair.noise_c1).abs().mean(dim=1).reshape(b, n_t, h, w)
     return total / noise.shape[1]
 
 
@@ -135,10 +184,12 @@ def reconstruction_difference(
     total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for d in range(noise.shape[1]):
-            eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
-            t_first = torch.as_tensor([p[0] for p in paths], dtype=torch.long, device=device).repeat(b)
-            x = torch.cat([schedule.q_sample(x0_flat, t_first, eps)] * 2)
-            for k in range(n_steps):
+            # The first DDIM step is the paired pass on x_t0 (every path starts at its own t0).
+            first = paired_forward(model, schedule, images, timesteps, noise[:, d], labels=labels,
+                                   autocast_dtype=autocast_dtype, channels_last=device.type == "cuda")
+            x = _ddim_update(schedule, torch.cat([first.x_t, first.x_t]),
+                             torch.cat([first.noise_c0, first.noise_c1]), *_path_steps(paths, 0, b, device))
+            for k in range(1, n_steps):
                 x = _ddim_paths_step(model, schedule, x, paths, k, b, y, autocast_dtype)
             x0_c0, x0_c1 = x.float().chunk(2)
             other = x0_c1 if compare == "c1" else x0_flat.float()
@@ -146,20 +197,39 @@ def reconstruction_difference(
     return total / noise.shape[1]
 
 
-def _ddim_paths_step(model, schedule: Schedule, x, paths, k, b, y, autocast_dtype):
-    """One deterministic DDIM step of every path at step k (a path already at x0 stays unchanged)."""
-    device = x.device
+def _path_steps(paths, k: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(now, next): every path's model step at step k and the one after, over the doubled batch (-1 = x0)."""
     now = torch.as_tensor([p[k] for p in paths], dtype=torch.long, device=device).repeat(2 * b)
     nxt = torch.as_tensor([p[k + 1] if k + 1 < len(p) else -1 for p in paths], dtype=torch.long,
                           device=device).repeat(2 * b)
-    active = now >= 0
-    if not bool(active.any()):
-        return x
-    x_in = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-    with autocast(device, autocast_dtype):
-        eps = model(x_in, now.clamp(min=0), y).float()
+    return now, nxt
+
+
+def _ddim_update(schedule: Schedule, x, eps, now, nxt):
+    """The deterministic DDIM step of every active path (now >= 0); a path already at x0 stays unchanged."""
     stepped = schedule.ddim_step(x.float(), eps, now.clamp(min=0), nxt)
-    return torch.where(active.view(-1, 1, 1, 1), stepped, x.float())
+    return torch.where((now >= 0).view(-1, 1, 1, 1), stepped, x.float())
+
+
+def _ddim_paths_step(model, schedule: Schedule, x, paths, k, b, y, autocast_dtype):
+    """One deterministic DDIM step of every path at step k (model call, then :func:`_ddim_update`)."""
+    now, nxt = _path_steps(paths, k, b, x.device)
+    if not bool((now >= 0).any()):
+        return x
+    x_in = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+    with autocast(x.device, autocast_dtype):
+        eps = model(x_in, now.clamp(min=0), y).float()
+    return _ddim_update(schedule, x, eps, now, nxt)
+
+
+def paper_maps(settings: InferenceSettings, checkpoint) -> Callable:
+    """The maps function of inference.method paper (diffseg.methods): eq. 2, :func:`noise_difference`."""
+    return noise_difference
+
+
+def reconstruct_maps(settings: InferenceSettings, checkpoint) -> Callable:
+    """The maps function of inference.method reconstruct: :func:`reconstruction_difference` at its settings."""
+    return partial(reconstruction_difference, steps=settings.recon_steps, compare=settings.recon_compare)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -200,15 +270,15 @@ def infer_batches(
     image_batches: Iterable[np.ndarray],
     out: h5py.File,
     settings: InferenceSettings,
+    maps_fn: Callable,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
-    maps_fn: Callable | None = None,
 ) -> int:
-    """Difference maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count.
+    """Maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns the count.
 
-    ``settings.method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference;
-    ``"features"``: ``maps_fn(model, schedule, images, timesteps, noise, autocast_dtype)`` -> (B, T, H, W)
-    lesion probabilities (diffseg.features), stored without normalisation.
+    ``maps_fn(model, schedule, images, timesteps, noise, autocast_dtype=...)`` -> (B, T, H, W) raw maps is the
+    method's (:meth:`diffseg.methods.InferenceMethod.make_maps`); they are stored with the method's
+    normalisation (:func:`stored_normalise`) and binarized at ``settings.threshold``.
     """
     from tqdm.auto import tqdm
 
@@ -220,14 +290,7 @@ def infer_batches(
             batch_ids = ids[done : done + len(batch)]
             images = to_model_range(batch, device)
             noise = draw_noise(batch_ids, s.seed, s.noise_draws, images.shape[1:])
-            if s.method == "paper":
-                raw = noise_difference(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
-            elif s.method == "features":
-                raw = maps_fn(model, schedule, images, s.timesteps, noise, autocast_dtype)
-            else:
-                raw = reconstruction_difference(model, schedule, images, s.timesteps, noise, steps=s.recon_steps,
-                                                compare=s.recon_compare, autocast_dtype=autocast_dtype)
-            raw = raw.cpu().numpy()
+            raw = maps_fn(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype).cpu().numpy()
             processed = [postprocess_image(r, normalise=stored_normalise(s), threshold=s.threshold) for r in raw]
             out["maps"][done : done + len(batch)] = np.stack([p.maps for p in processed]).astype(np.float16)
             out["binary"][done : done + len(batch)] = np.stack([p.binary for p in processed])
@@ -239,8 +302,8 @@ def infer_batches(
 
 
 def stored_normalise(settings: InferenceSettings) -> str:
-    """The normalisation applied to the stored maps: none for the features method's probabilities."""
-    return "none" if settings.method == "features" else settings.normalise
+    """The normalisation applied to the stored maps (the method's: none for the features head's probabilities)."""
+    return inference_method(settings.method).stored_normalise(settings.normalise)
 
 
 def _batches(images: np.ndarray, batch_images: int) -> Iterable[np.ndarray]:
@@ -262,23 +325,21 @@ def run_inference(
     split: str = "test",
     shard: int = 0,
     n_shards: int = 1,
-    maps_fn: Callable | None = None,
+    artefacts: dict[str, str | os.PathLike] | None = None,
 ) -> dict:
-    """Difference maps (``settings.method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5.
+    """The maps of ``settings.method`` (diffseg.methods) for one shard of a split -> out_h5 (rule infer).
 
-    ``settings.method="features"`` runs through diffseg.features.run_feature_inference, which passes the
-    trained head as ``maps_fn`` and gets its lesion probabilities written in the same layout.
+    ``artefacts``: the method's trained files besides the DDPM checkpoint, by name (method features:
+    ``{"head": feature_head.pt}``); the method's maps function is made from them before any image is read.
 
     Returns a summary. ``settings.compile`` wraps the model in torch.compile (worth it on a GPU for
     large splits; the first batch pays the compilation).
     """
     s = settings if settings is not None else InferenceSettings()
     check_shard(shard, n_shards)
-    if s.method == "features" and maps_fn is None:
-        raise ValueError("inference.method 'features' needs the trained head: run it through "
-                         "diffseg.features.run_feature_inference (rule train_feature_head makes the head)")
     if not Path(checkpoint).is_file():
         raise InputError(checkpoint, "checkpoint file not found")
+    maps_fn = inference_method(s.method).make_maps(s, checkpoint, artefacts)
     dev = resolve_device(s.device)
     autocast_dtype = resolve_autocast(dev, s.precision)
     model, cfg = load_model(checkpoint, device=str(dev), use_ema=True)
@@ -311,8 +372,7 @@ def run_inference(
     with (name_the_setting_on_oom("inference.batch_images", s.batch_images, oom_where),
           atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out):
         create_output(out, ids, timesteps, resolution, attrs)
-        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev,
-                          maps_fn=maps_fn)
+        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, maps_fn, device=dev)
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))
     return {"out_h5": str(out_h5), "n_images": n, "seconds": seconds, "device": str(dev),

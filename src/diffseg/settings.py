@@ -1,7 +1,8 @@
 """The settings objects of the stages with many options, each built once from its validated config section.
 
 Every field's default equals config/schema.yaml's (tests/test_defaults.py checks it). The module is a leaf
-with no imports beyond the standard library: the workflow's config check (rules/common.smk) reads
+that imports only the standard library and the torch-free method registry (diffseg.methods, itself
+standard library only): the workflow's config check (rules/common.smk) reads
 ``OUTPUT_DEFINING`` and ``BUNDLE_SECTIONS`` before any rule runs, without torch or numpy. Helpers that need
 torch (e.g. the autocast dtype of ``precision`` on a device) live in diffseg.runtime.
 
@@ -18,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Sequence
 
+from diffseg.methods import inference_method
+
 DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
-INFERENCE_METHODS = ("paper", "reconstruct", "features")
 NORMALISE_METHODS = ("p99", "max", "none")
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
@@ -177,7 +179,7 @@ class BaselineSettings(FromConfig):
 
 @dataclass(frozen=True)
 class InferenceSettings(FromConfig):
-    """The ``inference`` section (rule noise_difference); ``splits`` is the rule's split wildcard."""
+    """The ``inference`` section (rule infer); ``splits`` is the rule's split wildcard."""
 
     SECTION: ClassVar[str] = "inference"
     IGNORED: ClassVar[tuple[str, ...]] = ("splits",)
@@ -206,8 +208,7 @@ class InferenceSettings(FromConfig):
         if self.normalise not in NORMALISE_METHODS:
             raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {self.normalise!r}")
         check_threshold(self.threshold)
-        if self.method not in INFERENCE_METHODS:
-            raise ValueError(f"inference.method must be one of {INFERENCE_METHODS}, got {self.method!r}")
+        inference_method(self.method)  # the registry (diffseg.methods) names the known methods
         if self.recon_steps < 1:
             raise ValueError(f"inference.recon_steps must be >= 1, got {self.recon_steps}")
         if self.recon_compare not in ("c1", "input"):
