@@ -1,5 +1,6 @@
 """Diffusion features (inference.method features): decoder activations, head inputs, the head, its training."""
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import diffseg.features as features
+from diffseg.data import load_split
 from diffseg.ddpm import build_model
 from diffseg.features import (FeatureHead, InputSampler, StreamedInputs, feature_inputs, fit_head, head_probabilities, input_channels,
                               load_head, resolve_blocks, run_teacher_masks, split_inputs,
@@ -222,19 +224,29 @@ def test_sampler_draws_train_rows_and_their_masks():
 # ----------------------------------------------------------------------------- training on a dataset, inference
 
 
+def without(dataset_h5: Path, member: str, out: Path) -> Path:
+    """A copy of dataset.h5 without ``member`` (a split group or one of its datasets): any read of it fails."""
+    shutil.copy(dataset_h5, out)
+    with h5py.File(out, "a") as fh:
+        del fh[member]
+    return out
+
+
 def test_training_reads_only_train_and_val_and_inference_writes_the_standard_layout(files, tmp_path, monkeypatch):
     dataset_h5, ddpm = files
-    seen = []
-    real_load_split = features.load_split
-    monkeypatch.setattr(features, "load_split", lambda path, split: seen.append(split) or real_load_split(path, split))
     captured = {}
     real_fit = features.fit_head
     monkeypatch.setattr(features, "fit_head", lambda *a, **k: captured.update(args=a) or real_fit(*a, **k))
     train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[1, 3]),
                        INPUTS)
-    assert sorted(seen) == ["train", "val"]
-    train_masks = real_load_split(dataset_h5, "train")["masks"]
+    train_masks = load_split(dataset_h5, "train")["masks"]
     assert np.array_equal(captured["args"][1], train_masks) and len(captured["args"][0]) == len(train_masks)
+    # without the test split in the file (any read of it, by whatever path, raises) the head is the same
+    no_test = without(dataset_h5, "test", tmp_path / "no_test.h5")
+    train_feature_head(no_test, ddpm, tmp_path / "head_no_test.pt", tmp_path / "log2.csv",
+                       head_settings(blocks=[1, 3]), INPUTS)
+    weights, again = (load_checkpoint(tmp_path / name)["model"] for name in ("head.pt", "head_no_test.pt"))
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
     out = tmp_path / "test.h5"
     settings = InferenceSettings(timesteps=TIMESTEPS, noise_draws=2, method="features", device="cpu", batch_images=3)
@@ -277,12 +289,15 @@ def test_teacher_masks_never_read_the_train_masks(files, tmp_path):
     calibration = {"method": "calibrated", "bias": False, "blur_sigma": 0.0, "closing_px": 0}
     kw = dict(timesteps=[10, 30], noise_draws=1, calibration=calibration, device="cpu", batch_images=4)
     report = run_teacher_masks(dataset_h5, ddpm, tmp_path / "teacher.h5", **kw)
-    with h5py.File(dataset_h5, "a") as fh:  # wipe the train masks: the teacher must not change
-        fh["train/masks"][...] = 1 - fh["train/masks"][()]
-    run_teacher_masks(dataset_h5, ddpm, tmp_path / "teacher2.h5", **kw)
+    # without the train masks in the file (any read of them raises) the teacher masks are the same
+    no_train_masks = without(dataset_h5, "train/masks", tmp_path / "no_train_masks.h5")
+    run_teacher_masks(no_train_masks, ddpm, tmp_path / "teacher2.h5", **kw)
     with h5py.File(tmp_path / "teacher.h5") as a, h5py.File(tmp_path / "teacher2.h5") as b:
         assert a.attrs["split"] == "train" and a["masks"].shape == (8, RES, RES)
         assert [s.decode() for s in a["ids"][()]] == [f"train_{i}" for i in range(8)]
-        assert np.array_equal(a["masks"][()], b["masks"][()])
+        masks = a["masks"][()]
+        assert np.array_equal(masks, b["masks"][()])
+    # non-trivial: every image gets a lesion that is neither empty nor the whole frame
+    area = masks.reshape(8, -1).mean(axis=1)
+    assert ((0 < area) & (area < 1)).all() and report["lesion_fraction"] == pytest.approx(masks.mean())
     assert report["n_images"] == 8 and not list(tmp_path.glob(".teacher-*"))
-
