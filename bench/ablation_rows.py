@@ -1,7 +1,7 @@
 """docs/RESULTS.md's ablation rows on a trained quick-benchmark run, one overlay after another.
 
 Each overlay runs in its own copy of the trained run (data/ and models/ only, so everything from
-noise_difference on is computed for that overlay and the trained DDPM is reused), sequentially, with
+rule infer on is computed for that overlay and the trained DDPM is reused), sequentially, with
 
     snakemake --cores 2 --rerun-triggers mtime input --configfile <base> <run.yaml> <overlay>
 

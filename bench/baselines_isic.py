@@ -26,6 +26,7 @@ import torch
 from diffseg.baselines import predict_baseline, train_baseline
 from diffseg.data import load_split, prepare_dataset
 from diffseg.metrics import aggregate, mask_metrics
+from diffseg.settings import BaselineSettings, PrepareSettings
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2018_task1_256"
 logger = logging.getLogger("bench.baselines_isic")
@@ -41,8 +42,9 @@ def prepare(data_dir: Path, folder: Path, resolution: int, seed: int, limit: int
         source = folder / f"subset_{limit}"
         link_subset(data_dir, source, limit)
     # twins are not used by the baselines: the fast inpainting keeps preparation short
-    summary = prepare_dataset(source, dataset_h5, folder / f"split_{resolution}.csv", resolution=resolution,
-                              inpaint="pushpull", split_seed=seed, threads=2)
+    summary = prepare_dataset(source, dataset_h5, folder / f"split_{resolution}.csv",
+                              settings=PrepareSettings(resolution=resolution, inpaint="pushpull", split_seed=seed),
+                              threads=2)
     logger.info("prepared %s in %.1f s: %s", dataset_h5, summary["seconds"], summary["counts"])
     return dataset_h5
 
@@ -75,12 +77,13 @@ def run_method(name: str, dataset_h5: Path, folder: Path, args: argparse.Namespa
     checkpoint, extra = None, {}
     if name != "otsu":
         checkpoint = folder / f"{name}_{args.resolution}.pt"
-        summary = train_baseline(name, dataset_h5, checkpoint, folder / f"{name}_{args.resolution}.csv", augment={},
-                                 steps=args.steps, batch_size=args.batch_size, depth=args.depth,
-                                 eval_every=args.eval_every, device=args.device)
+        settings = BaselineSettings(steps=args.steps, batch_size=args.batch_size, depth=args.depth,
+                                    eval_every=args.eval_every, device=args.device)
+        summary = train_baseline(name, dataset_h5, checkpoint, folder / f"{name}_{args.resolution}.csv", settings,
+                                 augment={})
         extra = {"steps": summary["steps"], "val_dice": summary["best_metric"]}
     out = folder / f"{name}_{args.resolution}_test.h5"
-    predict_baseline(name, dataset_h5, checkpoint, out, split="test", device=args.device)
+    predict_baseline(name, dataset_h5, checkpoint, out, BaselineSettings(device=args.device), split="test")
     return {"method": name, **scores(dataset_h5, out), **extra, "seconds": time.perf_counter() - started}
 
 

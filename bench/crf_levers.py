@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 
 from diffseg.calibration import load_calibration
-from diffseg.crf import CRFSettings, run_crf
+from diffseg.crf import run_crf
+from diffseg.settings import CRFSettings
 from diffseg.data import load_split
 from diffseg.h5io import decode_ids, match_rows
 from diffseg.metrics import dice

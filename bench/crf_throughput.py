@@ -2,7 +2,7 @@
 
 Builds a dataset.h5 and an inference.h5 of synthetic dermoscopy-like images (dark disc on skin,
 soft maps = blurred disc plus speckle) in a temporary folder and times the whole stage: reading,
-K rounds x subset_size CRFs per image, and the crf.h5 write (the original-size PNGs are rule
+K rounds x subset_size CRFs per image (one round when subset_size = T), and the crf.h5 write (the original-size PNGs are rule
 export_masks's, not timed here).
 
     .venv/bin/python bench/crf_throughput.py --threads 1 --n-images 32
@@ -21,7 +21,8 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from diffseg.crf import CRFSettings, run_crf
+from diffseg.crf import rounds_to_run, run_crf
+from diffseg.settings import CRFSettings
 
 
 def synthetic_inputs(folder: Path, n_images: int, size: int, n_maps: int, orig_size: int) -> None:
@@ -60,10 +61,10 @@ def main() -> None:
         folder = Path(tmp)
         synthetic_inputs(folder, args.n_images, args.size, args.maps, args.size)
         began = time.perf_counter()
-        run_crf(folder / "dataset.h5", folder / "inference.h5", folder / "crf.h5",
-                CRFSettings(rounds=args.rounds, subset_size=args.subset_size), threads=args.threads)
+        settings = CRFSettings(rounds=args.rounds, subset_size=args.subset_size)
+        run_crf(folder / "dataset.h5", folder / "inference.h5", folder / "crf.h5", settings, threads=args.threads)
         seconds = time.perf_counter() - began
-    crfs = args.n_images * args.rounds * args.subset_size
+    crfs = args.n_images * rounds_to_run(settings, args.maps) * args.subset_size  # one round when subset = T
     print(f"machine: {platform.node()} ({os.cpu_count()} CPUs), threads={args.threads}, "
           f"{args.n_images} images at {args.size} px, T={args.maps}, K={args.rounds}, "
           f"subset={args.subset_size} -> {crfs} CRFs")

@@ -28,6 +28,7 @@ from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.features import FeatureHead, fit_head, head_probabilities, split_inputs
 from diffseg.schedule import Schedule
+from diffseg.settings import HeadSettings
 from diffseg.train import load_checkpoint
 
 # (name, timesteps, head settings and input switches); blocks None = all decoder blocks
@@ -84,8 +85,8 @@ def trial(name, timesteps, levers, cache, widths, train, val, out: Path, steps: 
     tag = f"{len(list(out.glob('head_*.pt'))):02d}"
     start = time.perf_counter()
     summary = fit_head(stack["train"], train["masks"], stack["val"], val["masks"], out / f"head_{tag}.pt",
-                       out / f"log_{tag}.csv", {}, steps=steps, eval_every=eval_every,
-                       device="cpu", **levers)
+                       out / f"log_{tag}.csv", {}, HeadSettings(steps=steps, eval_every=eval_every, **levers),
+                       device="cpu")
     seconds = time.perf_counter() - start
     ckpt = load_checkpoint(out / f"head_{tag}.pt")
     head = FeatureHead(**ckpt["config"]["model"])

@@ -21,9 +21,10 @@ import h5py
 import numpy as np
 import torch
 
-from diffseg.inference import DEFAULT_TIMESTEPS, InferenceSettings, check_timesteps, create_output, infer_batches
+from diffseg.inference import check_timesteps, create_output, infer_batches, noise_difference
 from diffseg.runtime import resolve_autocast, resolve_device
 from diffseg.schedule import Schedule
+from diffseg.settings import DEFAULT_TIMESTEPS, InferenceSettings
 
 def load(args, device: torch.device):
     """(model, diffusion config, image size) from --checkpoint, or the default model with random weights."""
@@ -50,8 +51,8 @@ def run_once(model, schedule, images, out_path, args, device) -> float:
     start = time.perf_counter()
     with h5py.File(out_path, "w") as out:
         create_output(out, ids, args.timesteps, images.shape[1], {"method": "paper"})
-        infer_batches(model, schedule, ids, batches(images, args.batch_images), out, settings, device=device,
-                      progress=False)
+        infer_batches(model, schedule, ids, batches(images, args.batch_images), out, settings, noise_difference,
+                      device=device, progress=False)
     return time.perf_counter() - start
 
 

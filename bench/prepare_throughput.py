@@ -14,6 +14,7 @@ from pathlib import Path
 
 from diffseg.data import discover_pairs, prepare_dataset
 from diffseg.inpaint import METHODS
+from diffseg.settings import PrepareSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic2018_task1_256"
@@ -44,7 +45,7 @@ def main() -> None:
         started = time.perf_counter()
         summary = prepare_dataset(
             data, Path(tmp) / "dataset.h5", Path(tmp) / "split.csv", Path(tmp) / "preview.png",
-            resolution=args.resolution, inpaint=args.inpaint, threads=args.threads,
+            PrepareSettings(resolution=args.resolution, inpaint=args.inpaint), threads=args.threads,
         )
         wall = time.perf_counter() - started
         size_mb = (Path(tmp) / "dataset.h5").stat().st_size / 1e6

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ["Snakefile", "rules", "workflow", "config", "envs", "profiles", "report"]
-PER_IMAGE_RULES = ["noise_difference", "uncertainty", "crf_fusion"]
+PER_IMAGE_RULES = ["infer", "uncertainty", "crf_fusion"]
 TARGETS = ["results/crf/test.h5", "results/uncertainty/test.h5"]
 
 

@@ -4,6 +4,9 @@ import os
 
 from snakemake.utils import validate
 
+from diffseg.methods import FEATURE_HEAD as HEAD_ARTEFACT, inference_method  # torch-free registry
+from diffseg.settings import BUNDLE_SECTIONS  # torch-free: the sections a model bundle records and checks
+
 
 validate(config, schema="../config/schema.yaml")
 
@@ -49,9 +52,13 @@ def check_config(cfg):
 
 
 def check_predict(predict, cfg):
-    """The prediction folder must exist; a given bundle must exist and match the config's model settings."""
+    """The prediction folders must exist; a given bundle must exist and match the config in every
+    output-defining setting (diffseg.settings.OUTPUT_DEFINING; the runtime is checked by the inference)."""
     if predict["images"] is not None and not os.path.isdir(predict["images"]):
         _fail("predict.images", predict["images"], "an existing folder of JPEG/PNG/BMP images, or null")
+    if predict["masks"] is not None and (predict["images"] is None or not os.path.isdir(predict["masks"])):
+        _fail("predict.masks", predict["masks"], "an existing folder of masks of the predict.images images "
+              "(<id>_segmentation.png or <id>.png), with predict.images set; or null")
     if predict["bundle"] is not None:
         if not os.path.isfile(predict["bundle"]):
             _fail("predict.bundle", predict["bundle"], "an existing model bundle file (rule export_bundle "
@@ -69,6 +76,7 @@ P = f"{R}/predict"
 PREDICT_IMAGES = f"{P}/images.h5"
 BUNDLE = f"{R}/models/diffseg_bundle.zip"
 PREDICT_BUNDLE = config["predict"]["bundle"] or BUNDLE
+BUNDLE_CONFIG = {section: config[section] for section in BUNDLE_SECTIONS}  # what export and unpack check
 PREDICT_MODEL = {"checkpoint": f"{P}/model/ddpm.pt", "calibration": f"{P}/model/calibration.h5",
                  "manifest": f"{P}/model/manifest.json"}
 # Model artefacts that other rules save beside the calibration register here (bundle member name ->
@@ -87,7 +95,7 @@ TRAINED_BASELINES = [b for b in BASELINES if b != "otsu"]
 GPU_RESOURCES = {
     "train_ddpm": {"gpu": 1, "mem_mb": 32000, "runtime": 480},
     "train_baseline": {"gpu": 1, "mem_mb": 16000, "runtime": 120},
-    "noise_difference": {"gpu": 1, "mem_mb": 16000, "runtime": 60},
+    "infer": {"gpu": 1, "mem_mb": 16000, "runtime": 60},
     "teacher_masks": {"gpu": 1, "mem_mb": 16000, "runtime": 60},
     "train_feature_head": {"gpu": 1, "mem_mb": 16000, "runtime": 60},  # holds the train split's inputs in memory
 }
@@ -136,6 +144,11 @@ def split_calibration(wildcards):
     return PREDICT_MODEL["calibration"] if wildcards.split == PREDICT else CALIBRATION
 
 
+def split_manifest(wildcards):
+    """For prediction, the unpacked bundle's manifest: its inference must resolve to the recorded runtime."""
+    return PREDICT_MODEL["manifest"] if wildcards.split == PREDICT else []
+
+
 def baseline_checkpoint(wildcards):
     """Otsu is training-free: it has no checkpoint."""
     if wildcards.baseline == "otsu":
@@ -144,23 +157,26 @@ def baseline_checkpoint(wildcards):
 
 
 PREDICT_OUTPUTS = [f"{P}/masks", f"{P}/maps", f"{P}/review_queue.csv", f"{P}/contact_sheet.png"]
+if config["predict"]["masks"] is not None:
+    PREDICT_OUTPUTS += [f"{P}/metrics.csv", f"{P}/table.md"]  # rule score_predictions
 
 
-FEATURE_HEAD = f"{R}/models/feature_head.pt"
+# The inference method's entry in diffseg.methods: the trained files its maps read besides the DDPM
+# (features: the head of rule train_feature_head) are inputs of rule infer, members of the model bundle
+# and, for prediction, unpacked from it by rule unpack_bundle.
+METHOD = inference_method(config["inference"]["method"])
+FEATURE_HEAD = f"{R}/{HEAD_ARTEFACT.path}"
 TEACHER_MASKS = f"{R}/features/teacher_masks.h5"
-if config["inference"]["method"] == "features":
-    BUNDLE_OPTIONAL["feature_head.pt"] = FEATURE_HEAD  # the model bundle carries the head
+for artefact in METHOD.artefacts:
+    BUNDLE_OPTIONAL[artefact.member] = f"{R}/{artefact.path}"
+    PREDICT_MODEL[artefact.name] = f"{P}/model/{artefact.member}"
 
 
-if config["inference"]["method"] == "features":
-    PREDICT_MODEL["head"] = f"{P}/model/feature_head.pt"  # rule unpack_bundle unpacks it too
-
-
-def feature_head(wildcards):
-    """The head checkpoint, an input of the inference only for inference.method features."""
-    if config["inference"]["method"] != "features":
-        return []
-    return PREDICT_MODEL["head"] if wildcards.split == PREDICT else FEATURE_HEAD
+def method_artefacts(wildcards):
+    """This run's trained files of the method, or for split predict the bundle's, as named inputs of rule infer."""
+    if wildcards.split == PREDICT:
+        return {a.name: PREDICT_MODEL[a.name] for a in METHOD.artefacts}
+    return {a.name: f"{R}/{a.path}" for a in METHOD.artefacts}
 
 
 def head_targets(wildcards):
@@ -195,4 +211,5 @@ localrules:
     export_bundle,
     unpack_bundle,
     predict_outputs,
+    score_predictions,
     risk_figures,

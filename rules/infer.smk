@@ -1,24 +1,25 @@
-rule noise_difference:
+rule infer:
     input:
+        unpack(method_artefacts),
         h5=split_dataset,
         checkpoint=split_checkpoint,
-        head=feature_head,
+        manifest=split_manifest,
     output:
         shard_file("inference", "{split}", "{shard}"),
     params:
         cfg=without("inference", "splits"),
         n_shards=SHARDS,
     log:
-        f"{R}/logs/noise_difference/{{split}}_shard-{{shard}}.log",
+        f"{R}/logs/infer/{{split}}_shard-{{shard}}.log",
     benchmark:
-        f"{R}/benchmarks/noise_difference/{{split}}_shard-{{shard}}.tsv"
+        f"{R}/benchmarks/infer/{{split}}_shard-{{shard}}.tsv"
     threads: 2
     resources:
-        **GPU_RESOURCES["noise_difference"],
+        **GPU_RESOURCES["infer"],
     conda:
         ENV
     script:
-        "../workflow/scripts/noise_difference.py"
+        "../workflow/scripts/infer.py"
 
 
 rule gather_inference:

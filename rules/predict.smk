@@ -1,6 +1,7 @@
 # The trained model as one portable file, and prediction on new images without masks.
-# Prediction runs the per-image stages (noise_difference, uncertainty, crf_fusion and their gathers)
+# Prediction runs the per-image stages (infer, uncertainty, crf_fusion and their gathers)
 # with split "predict": images from rule prepare_images, checkpoint and calibration from the bundle.
+# With predict.masks (masks of those images), rule score_predictions scores the final masks.
 
 
 rule export_bundle:
@@ -11,7 +12,7 @@ rule export_bundle:
     output:
         BUNDLE,
     params:
-        config={k: config[k] for k in ("prepare", "model", "diffusion", "inference", "calibration")},
+        config=BUNDLE_CONFIG,
         optional=lambda wildcards: BUNDLE_OPTIONAL,
         training_data=config["data_dir"] or "synthetic demo data",
     log:
@@ -34,7 +35,7 @@ rule unpack_bundle:
     output:
         **PREDICT_MODEL,
     params:
-        config={k: config[k] for k in ("prepare", "model", "diffusion", "inference", "calibration")},
+        config=BUNDLE_CONFIG,
     log:
         f"{R}/logs/unpack_bundle.log",
     benchmark:
@@ -87,7 +88,7 @@ rule predict_outputs:
         queue=f"{P}/review_queue.csv",
         sheet=report(f"{P}/contact_sheet.png", category="Prediction", caption="../report/contact_sheet.rst"),
     params:
-        cfg={k: v for k, v in config["predict"].items() if k not in ("images", "bundle")},
+        cfg={k: v for k, v in config["predict"].items() if k not in ("images", "bundle", "masks")},
         dpi=config["figures"]["dpi"],
     log:
         f"{R}/logs/predict_outputs.log",
@@ -101,3 +102,29 @@ rule predict_outputs:
         ENV
     script:
         "../workflow/scripts/predict_outputs.py"
+
+
+rule score_predictions:
+    input:
+        images=config["predict"]["images"] or [],
+        truth=config["predict"]["masks"] or [],
+        h5=PREDICT_IMAGES,
+        masks=f"{P}/masks",
+        queue=f"{P}/review_queue.csv",
+    output:
+        per_image=f"{P}/metrics.csv",
+        table=f"{P}/table.md",
+    params:
+        fail_dice=config["evaluate"]["fail_dice"],
+    log:
+        f"{R}/logs/score_predictions.log",
+    benchmark:
+        f"{R}/benchmarks/score_predictions.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../workflow/scripts/score_predictions.py"

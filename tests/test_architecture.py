@@ -9,9 +9,13 @@ import diffseg
 
 PACKAGE = Path(diffseg.__file__).parent
 # Stages that only read what every earlier stage wrote: nothing earlier may import them.
-LATER_STAGES = {"evaluate": {"figures"}, "figures": {"predict"}, "predict": set()}
+LATER_STAGES = {"evaluate": {"figures_clinician"}, "figures_clinician": {"figures", "figures_method"},
+                "figures_method": {"figures"}, "figures": set(), "figures_risk": set(), "figures_review": {"predict"},
+                "predict": set()}
 TORCH_FREE = ("h5io", "postprocess", "calibration", "uncertainty", "crf", "risk", "evaluate", "export", "metrics",
-              "review")
+              "review", "settings", "methods", "figures_common", "figures_clinician", "figures_review",
+              "figures_risk")
+MAX_PARAMETERS = 12  # positional + keyword-only, self/cls not counted
 
 
 def imports_of(path: Path) -> set[str]:
@@ -86,17 +90,63 @@ def test_post_processing_stages_do_not_import_torch_code():
         assert "import torch" not in source, f"diffseg.{module} imports torch"
 
 
+def test_settings_is_a_torch_free_leaf():
+    """diffseg.settings imports only the method registry, which imports no diffseg module (neither imports
+    torch or numpy): the workflow's config check reads both."""
+    graph = import_graph()
+    assert graph["settings"] == {"methods"} and graph["methods"] == set()
+    for module in ("settings", "methods"):
+        source = (PACKAGE / f"{module}.py").read_text()
+        assert "import torch" not in source and "import numpy" not in source, module
+
+
 def test_settings_defaults_equal_the_schema_defaults():
     import yaml
 
-    from diffseg.crf import CRFSettings
-    from diffseg.inference import InferenceSettings
+    from diffseg import settings
 
     schema = yaml.safe_load((PACKAGE.parents[1] / "config" / "schema.yaml").read_text())["properties"]
-    for section, settings in (("inference", InferenceSettings()), ("crf", CRFSettings())):
-        properties = schema[section]["properties"]
-        fields = {k: v for k, v in vars(settings).items()}
-        assert set(fields) == set(properties) - {"splits"}, section
+    for cls in (settings.PrepareSettings, settings.TrainSettings, settings.HeadSettings, settings.BaselineSettings,
+                settings.InferenceSettings, settings.CRFSettings):
+        properties = schema[cls.SECTION]["properties"]
+        fields = vars(cls())
+        assert set(fields) == set(properties) - set(cls.IGNORED), cls.SECTION
         for key, value in fields.items():
             default = properties[key]["default"]
-            assert (list(value) if isinstance(value, tuple) else value) == default, f"{section}.{key}"
+            assert (list(value) if isinstance(value, tuple) else value) == default, f"{cls.SECTION}.{key}"
+
+
+def parameter_counts(path: Path) -> dict[str, int]:
+    """{"module.function" or "module.Class.method": parameters} of every function in a file, self/cls not counted."""
+    counts = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = child.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                if isinstance(node, ast.ClassDef) and names and names[0] in ("self", "cls"):
+                    names = names[1:]
+                counts[f"{prefix}.{child.name}"] = len(names)
+                visit(child, f"{prefix}.{child.name}")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}.{child.name}")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(path.read_text()), path.stem)
+    return counts
+
+
+def test_parameter_counts_see_methods_and_keyword_only_arguments(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(a, /, b, *args, c, **kw): pass\nclass C:\n    def m(self, x, *, y): pass\n"
+                     "    @classmethod\n    def k(cls, z): pass\n")
+    assert parameter_counts(probe) == {"probe.f": 3, "probe.C.m": 2, "probe.C.k": 1}
+
+
+def test_no_function_takes_more_than_twelve_parameters():
+    """A function with many options takes a settings object (diffseg.settings) instead of one keyword each."""
+    counts = {name: n for path in sorted(PACKAGE.glob("*.py")) for name, n in parameter_counts(path).items()}
+    over = {name: n for name, n in counts.items() if n > MAX_PARAMETERS}
+    assert not over, f"functions with more than {MAX_PARAMETERS} parameters: {over}"

@@ -15,6 +15,7 @@ from diffseg.baselines import (
 )
 from diffseg.data import load_split
 from diffseg.metrics import mask_metrics
+from diffseg.settings import BaselineSettings
 from diffseg.train import CheckpointError, load_checkpoint
 
 SIZE = 24
@@ -122,7 +123,7 @@ def test_otsu_channel_scores_favour_the_separating_channel():
 def test_otsu_channel_is_chosen_on_val_not_on_predicted_split(tmp_path):
     h5 = write_dataset(tmp_path / "dataset.h5", {"train": BLUE_ONLY, "val": RED_ONLY, "test": BLUE_ONLY})
     out = tmp_path / "otsu" / "test.h5"
-    summary = predict_baseline("otsu", h5, None, out, split="test", steps=10, lr=1e-3)
+    summary = predict_baseline("otsu", h5, None, out, BaselineSettings(steps=10, lr=1e-3), split="test")
     ids, masks, attrs = read_predictions(out)
     assert attrs["method"] == "otsu" and attrs["channel"] == "red" and attrs["channel_chosen_on"] == "val"
     assert summary["channel"] == "red"
@@ -146,13 +147,18 @@ def test_otsu_prediction_file(dataset, tmp_path):
 
 # ----------------------------------------------------------------------------- U-Nets
 
-TINY = dict(base_channels=4, depth=3, batch_size=8, eval_every=2, patience=5, device="cpu", augment={})
+TINY = dict(base_channels=4, depth=3, batch_size=8, eval_every=2, patience=5, device="cpu")
+CPU = BaselineSettings(device="cpu")
+
+
+def tiny(**changes) -> BaselineSettings:
+    return BaselineSettings(**{**TINY, **changes})
 
 
 @pytest.mark.parametrize("name", ["unet", "attention_unet"])
 def test_unet_trains_checkpoints_and_predicts(name, dataset, tmp_path):
     ckpt, log_csv, out = tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", tmp_path / f"{name}_test.h5"
-    summary = train_baseline(name, dataset, ckpt, log_csv, steps=4, **TINY)
+    summary = train_baseline(name, dataset, ckpt, log_csv, tiny(steps=4), augment={})
     assert summary["steps"] == 4 and summary["best_metric"] is not None
     saved = load_checkpoint(ckpt, kind="baseline")
     model_cfg = saved["config"]["model"]
@@ -161,7 +167,7 @@ def test_unet_trains_checkpoints_and_predicts(name, dataset, tmp_path):
     assert log_csv.read_text().startswith("step,loss,lr,images_per_s")
     assert not (tmp_path / f"{name}.pt.resume.pt").exists()
 
-    predict_baseline(name, dataset, ckpt, out, split="test", device="cpu", base_channels=4, depth=3, steps=4)
+    predict_baseline(name, dataset, ckpt, out, tiny(steps=4), split="test")
     ids, masks, attrs = read_predictions(out)
     assert ids == load_split(dataset, "test")["ids"]
     assert masks.dtype == np.uint8 and masks.shape == (SPLIT_SIZES["test"], SIZE, SIZE)
@@ -171,10 +177,10 @@ def test_unet_trains_checkpoints_and_predicts(name, dataset, tmp_path):
 
 def test_unet_learns_dark_blobs(dataset, tmp_path):
     ckpt, out = tmp_path / "unet.pt", tmp_path / "test.h5"
-    cfg = dict(TINY, base_channels=8, batch_size=16, eval_every=25, lr=3e-3)
-    summary = train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", steps=150, **cfg)
+    settings = tiny(base_channels=8, batch_size=16, eval_every=25, lr=3e-3, steps=150)
+    summary = train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", settings, augment={})
     assert summary["best_metric"] > 0.8  # val Dice of the kept weights
-    predict_baseline("unet", dataset, ckpt, out, device="cpu")
+    predict_baseline("unet", dataset, ckpt, out, CPU)
     assert mean_test_dice(dataset, read_predictions(out)[1]) > 0.8
 
 
@@ -185,32 +191,33 @@ def test_unknown_name_and_missing_checkpoint(dataset, tmp_path):
         train_baseline("segformer", dataset, tmp_path / "x.pt", tmp_path / "x.csv", augment={})
     with pytest.raises(ValueError, match="'unet' needs a checkpoint"):
         predict_baseline("unet", dataset, None, tmp_path / "x.h5")
-    with pytest.raises(ValueError, match="unknown baselines option"):
-        predict_baseline("otsu", dataset, None, tmp_path / "x.h5", stepz=3)
+    with pytest.raises(ValueError, match="unknown key.*config section 'baselines': stepz"):
+        BaselineSettings.from_config({"methods": ["otsu"], "stepz": 3})
     assert not (tmp_path / "x.h5").exists()
 
 
 def test_resolution_not_divisible_by_depth(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"resolution 24 is not divisible by 2\*\*baselines.depth = 16"):
-        train_baseline("unet", dataset, tmp_path / "x.pt", tmp_path / "x.csv", augment={}, depth=4, steps=1)
+        train_baseline("unet", dataset, tmp_path / "x.pt", tmp_path / "x.csv", tiny(depth=4, steps=1), augment={})
 
 
 def test_checkpoint_of_the_other_baseline_is_refused(dataset, tmp_path):
     ckpt = tmp_path / "unet.pt"
-    train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", steps=1, **TINY)
+    train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", tiny(steps=1), augment={})
     with pytest.raises(CheckpointError, match="checkpoint is for baseline 'unet', expected 'attention_unet'"):
-        predict_baseline("attention_unet", dataset, ckpt, tmp_path / "x.h5", device="cpu")
+        predict_baseline("attention_unet", dataset, ckpt, tmp_path / "x.h5", CPU)
 
 
 def test_unet_time_budget_stops_keeps_best_and_predicts(dataset, tmp_path):
     # a budget far below one step's time: the first step spends it, before any evaluation
     ckpt = tmp_path / "unet.pt"
-    summary = train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", steps=40, max_minutes=1e-9, **TINY)
+    summary = train_baseline("unet", dataset, ckpt, tmp_path / "log.csv", tiny(steps=40, max_minutes=1e-9),
+                             augment={})
     assert summary["steps"] == 1 and summary["stopped_by"] == "max_minutes" and summary["best_metric"] is None
     saved = load_checkpoint(ckpt, kind="baseline")
     assert saved["step"] == 1 and saved["config"]["train"]["max_minutes"] == 1e-9
     assert (tmp_path / "unet.pt.resume.pt").exists()
     # the rule passes the whole baselines section, max_minutes included, to the prediction too
     out = tmp_path / "test.h5"
-    predict_baseline("unet", dataset, ckpt, out, device="cpu", base_channels=4, depth=3, max_minutes=1e-9)
+    predict_baseline("unet", dataset, ckpt, out, tiny(max_minutes=1e-9))
     assert read_predictions(out)[1].shape == (SPLIT_SIZES["test"], SIZE, SIZE)

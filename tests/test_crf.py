@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from diffseg.crf import CRFSettings, crf_fusion, dense_crf, run_crf
+from diffseg.crf import crf_fusion, dense_crf, rounds_to_run, run_crf
+from diffseg.settings import CRFSettings
 from diffseg.export import export_masks, write_original_size_pngs
 from diffseg.imageio import InputError, read_mask
 from diffseg.seeding import content_key, image_rng
@@ -88,6 +89,23 @@ def test_crf_fusion_rounds_use_sampled_subsets():
     assert 0 < sum(expected) < 6  # the seed gives both kinds of round
     assert [bool(r[disc].all()) for r in per_round] == expected
     assert not per_round[:, ~ndimage.binary_dilation(disc, iterations=3)].any()
+
+
+def test_a_subset_of_every_output_runs_one_round_with_the_mask_of_k_rounds():
+    """3 rounds of all 3 outputs refine the same maps: one round gives the K-round vote, bit for bit."""
+    image, disc, soft, noise = _scene(16, seed=2)
+    maps = _noisy_maps(soft, noise, 3, seed=4).astype(np.float32)
+    settings = CRFSettings(rounds=3, subset_size=3)
+    assert rounds_to_run(settings, 3) == 1 and rounds_to_run(CRFSettings(rounds=3, subset_size=2), 3) == 3
+    fused, per_round = crf_fusion(image, maps, np.random.default_rng(11), settings)
+    # the K rounds as they ran before: each its own draw (an order of all 3 maps), averaged, binarized
+    rng = np.random.default_rng(11)
+    k_rounds = np.stack([np.mean([dense_crf(image, maps[i], settings) for i in rng.choice(3, 3, replace=False)],
+                                 axis=0) >= settings.threshold for _ in range(3)])
+    assert (k_rounds == k_rounds[0]).all() and 0 < k_rounds[0].sum() < k_rounds[0].size
+    assert per_round.shape == (1, 16, 16)
+    np.testing.assert_array_equal(per_round[0], k_rounds[0])
+    np.testing.assert_array_equal(fused, k_rounds.mean(axis=0) >= settings.threshold)
 
 
 def test_crf_fusion_validates_subset_size():
@@ -182,6 +200,24 @@ def test_run_crf_writes_only_its_h5(tmp_path):
         assert f["fused"].shape == (4, 32, 32) and f["rounds"].shape == (4, 3, 32, 32)
 
 
+def test_run_crf_of_every_output_writes_one_round_and_logs_it(tmp_path, caplog):
+    scenes, maps = _write_inputs(tmp_path, n_maps=3)
+    with caplog.at_level("INFO", logger="diffseg.crf"):
+        run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "crf.h5",
+                CRFSettings(rounds=3, subset_size=3, seed=5))
+    assert "subset_size = 3 is every output: the 3 rounds would all fuse the same maps, so one round runs" in caplog.text
+    with h5py.File(tmp_path / "crf.h5") as f:
+        assert f["rounds"].shape == (4, 1, 32, 32) and f.attrs["rounds"] == 3  # the setting, as configured
+        np.testing.assert_array_equal(f["fused"][:], f["rounds"][:, 0])
+        fused, _ = crf_fusion(scenes[0][0], maps[0].astype(np.float16), image_rng(5, content_key(scenes[0][0])),
+                              CRFSettings(rounds=3, subset_size=3))
+        np.testing.assert_array_equal(f["fused"][0], fused)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="diffseg.crf"):  # fewer than every output: K rounds, nothing logged
+        run_crf(tmp_path / "dataset.h5", tmp_path / "inference.h5", tmp_path / "two.h5", CRFSettings(subset_size=2))
+    assert "one round runs" not in caplog.text
+
+
 def test_run_crf_with_calibration_writes_both_fusions(tmp_path):
     """A calibrated run fuses the calibrated probabilities and also writes the paper's fusion of the raw maps."""
     from diffseg.calibration import save_calibration
@@ -222,7 +258,7 @@ def test_run_crf_accepts_an_empty_shard(tmp_path):
     summary = run_crf(dataset, inference, tmp_path / "crf.h5", CRFSettings(subset_size=2))
     assert summary["n_images"] == 0
     with h5py.File(tmp_path / "crf.h5") as f:
-        assert f["fused"].shape == (0, 8, 8) and f["rounds"].shape == (0, 3, 8, 8)
+        assert f["fused"].shape == (0, 8, 8) and f["rounds"].shape == (0, 1, 8, 8)  # 2 of 2 maps: one round
 
 
 def test_crf_settings_from_config_and_defaults():

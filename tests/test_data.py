@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffseg.data import discover_pairs, load_split, prepare_dataset, resize_mask
+from diffseg.settings import PrepareSettings
 from diffseg.imageio import InputError
 from diffseg.inpaint import dilate_mask
 
@@ -53,10 +54,11 @@ def write_official(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-def prepare(tmp_path, data, **kw):
+def prepare(tmp_path, data, preview_png=None, threads=1, **kw):
+    """prepare_dataset into tmp_path/out; kw are PrepareSettings fields (resolution 32 unless given)."""
     out = tmp_path / "out"
-    kw.setdefault("resolution", 32)
-    summary = prepare_dataset(data, out / "dataset.h5", out / "split.csv", **kw)
+    settings = PrepareSettings(**{"resolution": 32, **kw})
+    summary = prepare_dataset(data, out / "dataset.h5", out / "split.csv", preview_png, settings, threads=threads)
     return out, summary
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -9,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ISIC_FULLRES
-from diffseg.evaluate import (BEST_T_METHOD, FINAL_METHOD, MEAN_METHOD, auroc, row_png_dir, run_evaluate)
+from diffseg.evaluate import (BEST_T_METHOD, FINAL_METHOD, MEAN_METHOD, EvalRow, EvaluateInputs, EvaluateOutputs,
+                              auroc, row_slug, run_evaluate)
 from diffseg.export import export_masks
 from diffseg.imageio import InputError, write_mask_png
 from diffseg.uncertainty import ged_kohl, ged_paper
@@ -140,11 +143,16 @@ def files(tmp_path):
     return paths
 
 
-def evaluate(paths, tmp_path, **kwargs):
+def evaluate(paths, tmp_path, *, baselines=None, calibration_h5=None, risk_json=None, review_queue_csv=None,
+             reliability_csv=None, **kwargs):
     csv, md = tmp_path / "metrics" / "test.csv", tmp_path / "metrics" / "table.md"
-    means = run_evaluate(paths["dataset"], [paths["val"], paths["test"]], paths["unc"], paths["crf"],
-                         {"otsu": paths["otsu"], "unet": paths["unet"]}, csv, md, truth_dir=paths["data"],
-                         png_dir=tmp_path / "metrics" / "test_png", **kwargs)
+    baselines = {"otsu": paths["otsu"], "unet": paths["unet"]} if baselines is None else baselines
+    inputs = EvaluateInputs(paths["dataset"], [paths["val"], paths["test"]], paths["unc"], paths["crf"],
+                            truth_dir=paths["data"], baselines=baselines, calibration_h5=calibration_h5,
+                            risk_json=risk_json)
+    outputs = EvaluateOutputs(csv, md, tmp_path / "metrics" / "test_png", review_queue_csv=review_queue_csv,
+                              reliability_csv=reliability_csv)
+    means = run_evaluate(inputs, outputs, **kwargs)
     return means, pd.read_csv(csv), md.read_text()
 
 
@@ -198,6 +206,25 @@ def test_table_lists_rows_auroc_and_published_reference(files, tmp_path):
     assert "published, other splits, not comparable" in md.lower()
     assert "| DiffSeg | 0.864 | 0.897 | 0.882 | 0.735 |" in md
     assert f"{np.mean(list(GED_PAPER.values())):.3f}" in md
+
+
+def test_rows_name_their_mask_folders_and_table_labels(files, tmp_path):
+    evaluate(files, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "metrics" / "test_png").iterdir()) == [
+        "diffseg_best_single_timestep", "diffseg_crf_fusion", "diffseg_mean_of_outputs_thresholded", "otsu",
+        "u_net_supervised"]
+    best = EvalRow(BEST_T_METHOD, np.zeros((1, R, R), bool), best_t=70)
+    assert best.slug == "diffseg_best_single_timestep"
+    assert best.label == "DiffSeg, best single timestep (t = 70, chosen on val)"
+    assert EvalRow("U-Net (supervised)", np.zeros((1, R, R), bool)).label == "U-Net (supervised)"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        best.best_t = 60
+
+
+def test_two_rows_with_one_folder_name_are_refused(files, tmp_path):
+    with pytest.raises(ValueError, match="rows 'Otsu' and 'OTSU' share the folder name 'otsu'"):
+        evaluate(files, tmp_path, baselines={"otsu": files["otsu"], "OTSU": files["otsu"]})
+    assert not (tmp_path / "metrics" / "table.md").exists()
 
 
 def test_auroc_is_na_without_failures(files, tmp_path):
@@ -306,7 +333,7 @@ def test_official_score_at_twice_the_working_size_equals_the_known_dice(files, t
     write_truth_folder(files["data"], {i: upscale(TRUTH[i], 2) for i in TEST_IDS})
     means, table, md = evaluate(files, tmp_path)
     for method in (BEST_T_METHOD, MEAN_METHOD, FINAL_METHOD, "Otsu", "U-Net (supervised)"):
-        folder = row_png_dir(tmp_path / "metrics" / "test_png", method)
+        folder = tmp_path / "metrics" / "test_png" / row_slug(method)
         assert sorted(p.name for p in folder.iterdir()) == [f"{i}_segmentation.png" for i in TEST_IDS]
         assert np.asarray(Image.open(folder / f"{TEST_IDS[0]}_segmentation.png")).shape == (2 * R, 2 * R)
         # a 2x bilinear upscale cut at 0.5 of these squares is exact: the official numbers equal the working ones
@@ -381,19 +408,20 @@ def test_official_score_of_full_size_originals_through_the_working_resolution(tm
     """The 5 full-size ISIC pairs (up to 2592 x 1936 px): the truth squashed to 32 px and written back at the
     original size by the evaluate stage's export scores high but not perfect (outline detail is lost at 32 px)."""
     from diffseg.data import discover_pairs, load_pair, truth_mask_files
-    from diffseg.evaluate import export_rows, official_scores
+    from diffseg.evaluate import export_row, official_score
 
     pairs = discover_pairs(ISIC_FULLRES)["train"]
     ids = [image_id for image_id, _, _ in pairs]
     loaded = [load_pair(image, mask, 32) for _, image, mask in pairs]
     sizes = np.array([orig for _, _, orig in loaded])
     assert sizes.max() > 1900  # really full size
-    folders = export_rows({"truth at 32 px": np.stack([mask for _, mask, _ in loaded])}, ids, sizes, tmp_path)
-    scores = official_scores(folders, truth_mask_files(ISIC_FULLRES, ids))["truth at 32 px"]
+    folder = export_row(EvalRow("truth at 32 px", np.stack([mask for _, mask, _ in loaded])), ids, sizes, tmp_path)
+    assert folder == tmp_path / "truth_at_32_px"
+    scores = official_score(folder, truth_mask_files(ISIC_FULLRES, ids))
     assert list(scores["id"]) == ids
     assert scores["dice"].between(0.9, 0.9999).all(), scores
     for image_id, (height, width) in zip(ids, sizes):
-        png = Image.open(folders["truth at 32 px"] / f"{image_id}_segmentation.png")
+        png = Image.open(folder / f"{image_id}_segmentation.png")
         assert png.size == (width, height)
 def test_risk_ranks_the_review_queue_and_the_table_shows_rankings_coverage_and_ece(files, tmp_path):
     """A model that only weighs CRF disagreement (32, 4, 0 px) ranks ISIC_0000002 (Dice 0) first."""
@@ -418,3 +446,19 @@ def test_risk_ranks_the_review_queue_and_the_table_shows_rankings_coverage_and_e
     bins = pd.read_csv(bins_csv)
     assert bins["n_pixels"].sum() == 3 * R * R
     assert "Expected calibration error over 768 pixels, 10 equal bins: 0.016" in md
+
+
+def test_the_official_score_carries_hd95_per_image_and_in_the_table(files, tmp_path):
+    """HD95 at the original size: the best-t row keeps the left half of each square (the right edge moves by 4,
+    3 and 2 px), the final row is exact where it is not empty, the U-Net row is empty everywhere (no HD95)."""
+    means, table, md = evaluate(files, tmp_path)
+    best_t = table[table["method"] == BEST_T_METHOD].set_index("id")
+    assert best_t.loc[TEST_IDS, "official_hd95"].tolist() == [4.0, 3.0, 2.0]
+    final = table[table["method"] == FINAL_METHOD].set_index("id").loc[TEST_IDS, "official_hd95"]
+    assert final.iloc[[0, 2]].tolist() == [0.0, 0.0] and np.isnan(final.iloc[1])  # image 2: empty final mask
+    assert means[BEST_T_METHOD]["official"]["hd95"] == pytest.approx(3.0)
+    assert means[FINAL_METHOD]["official"]["hd95"] == 0.0
+    official = md.split("## At the model's working resolution")[0]
+    assert "| threshold Jaccard | HD95 (px) |" in official
+    assert "| 3.000 |" in official.split(BEST_T_METHOD)[1].splitlines()[0]
+    assert official.split("| U-Net (supervised) |")[1].splitlines()[0].endswith("| n/a |")

@@ -1,5 +1,6 @@
 """Diffusion features (inference.method features): decoder activations, head inputs, the head, its training."""
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -8,12 +9,14 @@ import pytest
 import torch
 
 import diffseg.features as features
+from diffseg.data import load_split
 from diffseg.ddpm import build_model
 from diffseg.features import (FeatureHead, InputSampler, StreamedInputs, feature_inputs, fit_head, head_probabilities, input_channels,
-                              load_head, resolve_blocks, run_feature_inference, run_teacher_masks, split_inputs,
+                              load_head, resolve_blocks, run_teacher_masks, split_inputs,
                               train_feature_head)
-from diffseg.inference import InferenceSettings, noise_difference, run_inference
+from diffseg.inference import noise_difference, run_inference
 from diffseg.schedule import Schedule
+from diffseg.settings import HeadSettings, InferenceSettings
 from diffseg.train import CheckpointError, load_checkpoint, save_checkpoint
 
 RES = 16
@@ -21,7 +24,12 @@ DIFFUSION = {"T": 100, "beta_start": 1e-4, "beta_end": 0.02}
 MODEL = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
          "dropout": 0.0, "num_heads": 1}
 TIMESTEPS = [5, 20]
-HEAD_TRAINING = dict(hidden=8, steps=6, batch_size=4, eval_every=2, patience=10, device="cpu")
+HEAD_TRAINING = dict(hidden=8, steps=6, batch_size=4, eval_every=2, patience=10)
+INPUTS = InferenceSettings(timesteps=TIMESTEPS, device="cpu")  # the head's inputs: timesteps, noise seed, device
+
+
+def head_settings(**changes) -> HeadSettings:
+    return HeadSettings(**{**HEAD_TRAINING, **changes})
 
 
 def tiny_model(seed: int = 0):
@@ -132,7 +140,7 @@ def test_streamed_inputs_are_the_cached_inputs():
     model, ab = tiny_model(), Schedule.from_config(DIFFUSION)
     images = (np.random.default_rng(0).random((5, RES, RES, 3)) * 255).astype(np.uint8)
     ids = ["a", "b", "c", "d", "e"]
-    kw = dict(seed=3, batch_images=2, device=torch.device("cpu"), use_noise=False)
+    kw = dict(seed=3, batch_images=2, device=torch.device("cpu"), switches=head_settings(use_noise=False).switches)
     cached = split_inputs(model, ab, ids, images, TIMESTEPS, [0, 1], **kw)
     streamed = StreamedInputs(model, ab, ids, images, TIMESTEPS, [0, 1], **kw)
     assert streamed.shape == tuple(cached.shape) and len(streamed) == 5
@@ -148,7 +156,7 @@ def test_a_head_trained_on_streamed_inputs_is_the_cached_one(files, tmp_path):
     heads = {}
     for name, cache_mb in (("cached", 8000), ("streamed", 1e-6)):
         summary = train_feature_head(dataset_h5, ddpm, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv",
-                                     timesteps=TIMESTEPS, blocks=[1, 3], input_cache_mb=cache_mb, **HEAD_TRAINING)
+                                     head_settings(blocks=[1, 3], input_cache_mb=cache_mb), INPUTS)
         assert summary["inputs_streamed"] == (name == "streamed")
         heads[name] = load_checkpoint(tmp_path / f"{name}.pt")
     assert heads["cached"]["best_metric"] == pytest.approx(heads["streamed"]["best_metric"], abs=0.01)
@@ -172,7 +180,8 @@ def test_head_learns_a_synthetic_case_and_standardises_on_train(tmp_path):
     train_x, train_y = synthetic_inputs(24, 0)
     val_x, val_y = synthetic_inputs(8, 1)
     summary = fit_head(train_x, train_y, val_x, val_y, tmp_path / "head.pt", tmp_path / "log.csv", {"note": 1},
-                       hidden=16, steps=120, batch_size=8, lr=0.01, eval_every=20, patience=10, device="cpu")
+                       HeadSettings(hidden=16, steps=120, batch_size=8, lr=0.01, eval_every=20, patience=10),
+                       device="cpu")
     assert summary["best_metric"] > 0.9
     ckpt = load_checkpoint(tmp_path / "head.pt", kind="feature_head")
     head = FeatureHead(**ckpt["config"]["model"])
@@ -198,7 +207,7 @@ def test_val_masks_only_choose_the_kept_weights_never_the_training(tmp_path):
     final = []
     for name, masks in (("right", val_y), ("inverted", ~val_y)):
         fit_head(train_x, train_y, val_x, masks, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", {},
-                 hidden=8, steps=20, batch_size=4, eval_every=5, patience=100, device="cpu")
+                 HeadSettings(hidden=8, steps=20, batch_size=4, eval_every=5, patience=100), device="cpu")
         final.append(load_checkpoint(tmp_path / f"{name}.pt")["model"])
     for key in final[0]:
         assert torch.equal(final[0][key], final[1][key]), key
@@ -215,23 +224,33 @@ def test_sampler_draws_train_rows_and_their_masks():
 # ----------------------------------------------------------------------------- training on a dataset, inference
 
 
+def without(dataset_h5: Path, member: str, out: Path) -> Path:
+    """A copy of dataset.h5 without ``member`` (a split group or one of its datasets): any read of it fails."""
+    shutil.copy(dataset_h5, out)
+    with h5py.File(out, "a") as fh:
+        del fh[member]
+    return out
+
+
 def test_training_reads_only_train_and_val_and_inference_writes_the_standard_layout(files, tmp_path, monkeypatch):
     dataset_h5, ddpm = files
-    seen = []
-    real_load_split = features.load_split
-    monkeypatch.setattr(features, "load_split", lambda path, split: seen.append(split) or real_load_split(path, split))
     captured = {}
     real_fit = features.fit_head
     monkeypatch.setattr(features, "fit_head", lambda *a, **k: captured.update(args=a) or real_fit(*a, **k))
-    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", timesteps=TIMESTEPS,
-                       blocks=[1, 3], **HEAD_TRAINING)
-    assert sorted(seen) == ["train", "val"]
-    train_masks = real_load_split(dataset_h5, "train")["masks"]
+    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[1, 3]),
+                       INPUTS)
+    train_masks = load_split(dataset_h5, "train")["masks"]
     assert np.array_equal(captured["args"][1], train_masks) and len(captured["args"][0]) == len(train_masks)
+    # without the test split in the file (any read of it, by whatever path, raises) the head is the same
+    no_test = without(dataset_h5, "test", tmp_path / "no_test.h5")
+    train_feature_head(no_test, ddpm, tmp_path / "head_no_test.pt", tmp_path / "log2.csv",
+                       head_settings(blocks=[1, 3]), INPUTS)
+    weights, again = (load_checkpoint(tmp_path / name)["model"] for name in ("head.pt", "head_no_test.pt"))
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
     out = tmp_path / "test.h5"
     settings = InferenceSettings(timesteps=TIMESTEPS, noise_draws=2, method="features", device="cpu", batch_images=3)
-    run_feature_inference(dataset_h5, ddpm, tmp_path / "head.pt", out, settings, split="test")
+    run_inference(dataset_h5, ddpm, out, settings, split="test", artefacts={"head": tmp_path / "head.pt"})
     with h5py.File(out) as fh:
         assert fh["maps"].shape == (4, 2, RES, RES) and fh["binary"].shape == (4, 2, RES, RES)
         assert list(fh["timesteps"][()]) == TIMESTEPS and fh.attrs["normalise"] == "none"
@@ -240,24 +259,25 @@ def test_training_reads_only_train_and_val_and_inference_writes_the_standard_lay
         assert np.array_equal(fh["binary"][()][clear], (maps > 0.5)[clear])
     assert 0 <= maps.min() and maps.max() <= 1
     again = tmp_path / "again.h5"
-    run_feature_inference(dataset_h5, ddpm, tmp_path / "head.pt", again, settings, split="test")
+    run_inference(dataset_h5, ddpm, again, settings, split="test", artefacts={"head": tmp_path / "head.pt"})
     with h5py.File(again) as fh:
         assert np.array_equal(fh["maps"][()].astype(np.float32), maps)
 
 
 def test_inference_refuses_a_head_of_other_timesteps_or_another_ddpm(files, tmp_path):
     dataset_h5, ddpm = files
-    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", timesteps=TIMESTEPS,
-                       blocks=[3], **HEAD_TRAINING)
-    head = tmp_path / "head.pt"
+    train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[3]),
+                       INPUTS)
+    head = {"head": tmp_path / "head.pt"}
     feat = dict(method="features", device="cpu")
     with pytest.raises(CheckpointError, match=r"timesteps \[5, 20\]"):
-        run_feature_inference(dataset_h5, ddpm, head, tmp_path / "a.h5", InferenceSettings(timesteps=[5, 30], **feat))
+        run_inference(dataset_h5, ddpm, tmp_path / "a.h5", InferenceSettings(timesteps=[5, 30], **feat), artefacts=head)
     other = write_ddpm(tmp_path / "other.pt", seed=1)
     with pytest.raises(CheckpointError, match="another DDPM"):
-        run_feature_inference(dataset_h5, other, head, tmp_path / "b.h5",
-                              InferenceSettings(timesteps=TIMESTEPS, **feat))
-    with pytest.raises(ValueError, match="needs the trained head"):
+        run_inference(dataset_h5, other, tmp_path / "b.h5", InferenceSettings(timesteps=TIMESTEPS, **feat),
+                      artefacts=head)
+    with pytest.raises(ValueError, match=r"'features' needs its trained file\(s\) 'head' \(models/feature_head.pt, "
+                                         r"made by rule train_feature_head\)"):
         run_inference(dataset_h5, ddpm, tmp_path / "c.h5", InferenceSettings(timesteps=TIMESTEPS, **feat))
     assert not list(tmp_path.glob("[abc].h5"))
     with pytest.raises(CheckpointError, match="expected 'feature_head'"):
@@ -269,12 +289,15 @@ def test_teacher_masks_never_read_the_train_masks(files, tmp_path):
     calibration = {"method": "calibrated", "bias": False, "blur_sigma": 0.0, "closing_px": 0}
     kw = dict(timesteps=[10, 30], noise_draws=1, calibration=calibration, device="cpu", batch_images=4)
     report = run_teacher_masks(dataset_h5, ddpm, tmp_path / "teacher.h5", **kw)
-    with h5py.File(dataset_h5, "a") as fh:  # wipe the train masks: the teacher must not change
-        fh["train/masks"][...] = 1 - fh["train/masks"][()]
-    run_teacher_masks(dataset_h5, ddpm, tmp_path / "teacher2.h5", **kw)
+    # without the train masks in the file (any read of them raises) the teacher masks are the same
+    no_train_masks = without(dataset_h5, "train/masks", tmp_path / "no_train_masks.h5")
+    run_teacher_masks(no_train_masks, ddpm, tmp_path / "teacher2.h5", **kw)
     with h5py.File(tmp_path / "teacher.h5") as a, h5py.File(tmp_path / "teacher2.h5") as b:
         assert a.attrs["split"] == "train" and a["masks"].shape == (8, RES, RES)
         assert [s.decode() for s in a["ids"][()]] == [f"train_{i}" for i in range(8)]
-        assert np.array_equal(a["masks"][()], b["masks"][()])
+        masks = a["masks"][()]
+        assert np.array_equal(masks, b["masks"][()])
+    # non-trivial: every image gets a lesion that is neither empty nor the whole frame
+    area = masks.reshape(8, -1).mean(axis=1)
+    assert ((0 < area) & (area < 1)).all() and report["lesion_fraction"] == pytest.approx(masks.mean())
     assert report["n_images"] == 8 and not list(tmp_path.glob(".teacher-*"))
-

@@ -14,8 +14,9 @@ from PIL import Image
 import diffseg
 from diffseg.ddpm import build_model
 from diffseg.evaluate import FINAL_METHOD
-from diffseg.figures import (CASE_SIZE_IN, METHOD_SIZE_IN, SUMMARY_SIZE_IN, percentile_of, pick_cases,
-                             predict_noise_pair, run_figures, score_caption)
+from diffseg.figures import FigureInputs, FigureOutputs, run_figures
+from diffseg.figures_clinician import CASE_SIZE_IN, SUMMARY_SIZE_IN, percentile_of, pick_cases, score_caption
+from diffseg.figures_method import METHOD_SIZE_IN, predict_noise_pair
 from diffseg.imageio import InputError
 from diffseg.inference import image_noise, noise_difference
 from diffseg.runtime import to_model_range
@@ -87,9 +88,11 @@ def inputs(tmp_path):
 
 
 def figures(paths, tmp_path, **kwargs):
-    return run_figures(paths["dataset"], paths["checkpoint"], paths["inference"], paths["unc"], paths["crf"],
-                       paths["csv"], tmp_path / "figures" / "summary.png", tmp_path / "figures" / "cases",
-                       tmp_path / "figures" / "method", split="test", inference=INFERENCE, dpi=DPI, **kwargs)
+    inputs = FigureInputs(paths["dataset"], paths["checkpoint"], paths["inference"], paths["unc"], paths["crf"],
+                          paths["csv"])
+    outputs = FigureOutputs(tmp_path / "figures" / "summary.png", tmp_path / "figures" / "cases",
+                            tmp_path / "figures" / "method")
+    return run_figures(inputs, outputs, split="test", inference=INFERENCE, dpi=DPI, **kwargs)
 
 
 def png_size(path):
@@ -179,7 +182,7 @@ def test_case_page_says_synthetic_demo_data_and_draws_no_equation_numbers(inputs
 
 
 def test_risk_figures_from_the_queue_and_the_reliability_bins(tmp_path):
-    from diffseg.figures import CURVE_SIZE_IN, run_risk_figures
+    from diffseg.figures_risk import CURVE_SIZE_IN, run_risk_figures
     from diffseg.risk import reliability_table, review_queue
 
     table = pd.DataFrame({"id": IDS, "dice": [DICE[i] for i in IDS]})

@@ -50,11 +50,11 @@ def test_training_summary_of_a_run_that_did_all_its_steps(tmp_path):
 
 
 def test_rule_seconds_read_from_benchmark_files(tmp_path):
-    (tmp_path / "noise_difference").mkdir()
+    (tmp_path / "infer").mkdir()
     header = "s\th:m:s\tmax_rss\n"
     (tmp_path / "train_ddpm.tsv").write_text(header + "245.1234\t0:04:05\t900\n")
-    (tmp_path / "noise_difference/test_shard-0.tsv").write_text(header + "12.5\t0:00:12\t800\n")
-    assert gpu_run.rule_seconds(tmp_path) == {"noise_difference/test_shard-0": 12.5, "train_ddpm": 245.12}
+    (tmp_path / "infer/test_shard-0.tsv").write_text(header + "12.5\t0:00:12\t800\n")
+    assert gpu_run.rule_seconds(tmp_path) == {"infer/test_shard-0": 12.5, "train_ddpm": 245.12}
 
 
 def test_a_command_past_the_budget_is_stopped(tmp_path):
@@ -89,14 +89,14 @@ def test_dry_mode_runs_every_step_and_writes_the_eight_files(tmp_path):
     assert [s["rc"] for s in record["steps"].values()] == [0, 0, 0, 0]
     assert list(record["steps"]) == ["train_ddpm", "default", "paper", "infer_bench"]
     rules = record["steps"]["default"]["rules_s"]
-    assert {"train_ddpm", "train_baseline/unet", "noise_difference/test_shard-0", "evaluate"} <= set(rules)
+    assert {"train_ddpm", "train_baseline/unet", "infer/test_shard-0", "evaluate"} <= set(rules)
     training = record["training"]
     assert training["stopped_by"] == "max_minutes" and training["steps_reached"] >= 1  # the budget, not the steps
     bench = record["inference_bench"]
     assert bench["passes_per_image"] == 20 and bench["n_images"] == 8 and bench["images_per_s"] > 0
     assert set(record["inference_jobs_default"]) == {"val_shard-0", "test_shard-0"}
     assert record["versions"]["torch"] and record["versions"]["snakemake"]
-    assert record["targets"]["unet_dice"] is not None and record["targets"]["best_diffseg_dice"] is not None
+    assert record["targets"]["unet_dice"] is not None and record["targets"]["diffseg_dice"] is not None
     table, paper = (out / "table.md").read_text(), (out / "table_paper.md").read_text()
     assert "DiffSeg, paper post-processing" in table and "U-Net (supervised)" in table and "Otsu" in table
     assert "paper post-processing" not in paper and "DiffSeg + CRF fusion" in paper  # the overlay's own rows
@@ -110,14 +110,19 @@ def test_dry_mode_runs_every_step_and_writes_the_eight_files(tmp_path):
     assert "default_run/logs/train_ddpm.log" in names and "last_run/benchmarks/evaluate.tsv" in names
 
 
-def test_best_diffseg_row_is_compared_with_the_unet_row(tmp_path):
+def test_the_final_diffseg_row_is_compared_with_the_unet_row_whatever_scores_best(tmp_path):
+    from diffseg.evaluate import FINAL_METHOD
+
+    assert gpu_run.FINAL_ROW == FINAL_METHOD
     table = tmp_path / "table.md"
     table.write_text("# Results\n\n| method | Dice | Jaccard |\n|---|---|---|\n"
-                     "| DiffSeg, mean of outputs thresholded | 0.812 | 0.70 |\n| DiffSeg + CRF fusion | 0.845 | 0.74 |\n"
+                     "| DiffSeg, mean of outputs thresholded | 0.912 | 0.80 |\n| DiffSeg + CRF fusion | 0.845 | 0.74 |\n"
                      "| Otsu | 0.757 | 0.67 |\n| U-Net (supervised) | 0.890 | 0.80 |\n\n| score | AUROC |\n|---|---|\n")
     dice = gpu_run.table_dice(table)
-    assert dice == {"DiffSeg, mean of outputs thresholded": 0.812, "DiffSeg + CRF fusion": 0.845, "Otsu": 0.757,
+    assert dice == {"DiffSeg, mean of outputs thresholded": 0.912, "DiffSeg + CRF fusion": 0.845, "Otsu": 0.757,
                     "U-Net (supervised)": 0.890}
-    assert gpu_run.compare_with_unet(dice) == {"best_diffseg_row": "DiffSeg + CRF fusion", "best_diffseg_dice": 0.845,
+    # the mean-of-outputs row scores best on this (test) table: it is not picked, the final mask is
+    assert gpu_run.compare_with_unet(dice) == {"diffseg_row": "DiffSeg + CRF fusion", "diffseg_dice": 0.845,
                                                "unet_dice": 0.890, "diffseg_reached_unet": False}
-    assert gpu_run.compare_with_unet(gpu_run.table_dice(tmp_path / "absent.md"))["diffseg_reached_unet"] is None
+    absent = gpu_run.compare_with_unet(gpu_run.table_dice(tmp_path / "absent.md"))
+    assert absent["diffseg_dice"] is None and absent["diffseg_reached_unet"] is None

@@ -12,9 +12,10 @@ from torch import nn
 import diffseg
 import diffseg.inference
 from diffseg.imageio import InputError
-from diffseg.inference import InferenceSettings, draw_noise, noise_difference, run_inference
+from diffseg.inference import draw_noise, noise_difference, paired_forward, run_inference
 from diffseg.postprocess import binarize, normalise
 from diffseg.schedule import Schedule, q_sample
+from diffseg.settings import InferenceSettings
 
 torch.set_num_threads(1)
 
@@ -100,6 +101,54 @@ def run(dataset_h5, ckpt, out, **kw):
 def read_all(path):
     with h5py.File(path, "r") as fh:
         return {k: fh[k][()] for k in fh}, dict(fh.attrs)
+
+
+# ----------------------------------------------------------------------------- the paired c0/c1 pass
+
+
+def tiny_unet(seed: int = 0):
+    from diffseg.unet import ConditionalUNet
+
+    torch.manual_seed(seed)
+    model = ConditionalUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                            dropout=0.0, image_size=RES).eval()
+    for p in model.parameters():  # zero-initialised output convs would hide the label
+        if not p.any():
+            nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_paired_forward_equals_separate_c0_then_c1_calls_on_the_same_x_t():
+    """Rows image-major (image i, timestep k at i*T + k); one call under both labels = one call per label."""
+    model, sched = tiny_unet(), schedule()
+    images = torch.rand(2, 3, RES, RES) * 2 - 1
+    eps = torch.randn(2, 3, RES, RES, generator=torch.Generator().manual_seed(3))
+    pair = paired_forward(model, sched, images, TIMESTEPS, eps, blocks=[0, 3])
+    n = 2 * len(TIMESTEPS)
+    assert pair.x_t.shape == (n, 3, RES, RES) and pair.noise_c0.dtype == torch.float32
+    assert pair.t.tolist() == TIMESTEPS * 2
+    for i in range(2):
+        for k, t in enumerate(TIMESTEPS):
+            expected = q_sample(images[i : i + 1], torch.tensor([t]), eps[i : i + 1], sched.alpha_bar)
+            assert torch.equal(pair.x_t[i * len(TIMESTEPS) + k : i * len(TIMESTEPS) + k + 1], expected)
+    with torch.no_grad():
+        for label, noise, feats in ((0, pair.noise_c0, pair.features_c0), (1, pair.noise_c1, pair.features_c1)):
+            alone, alone_feats = model.forward_with_features(pair.x_t, pair.t, torch.full((n,), label), [0, 3])
+            torch.testing.assert_close(noise, alone, rtol=1e-5, atol=1e-6)
+            assert [f.shape for f in feats] == [a.shape for a in alone_feats] and len(feats) == 2
+            for f, a in zip(feats, alone_feats):
+                torch.testing.assert_close(f, a, rtol=1e-5, atol=1e-6)
+    assert (pair.noise_c0 - pair.noise_c1).abs().mean() > 1e-3  # the labels do differ
+    assert not paired_forward(model, sched, images, TIMESTEPS, eps).features_c0  # no blocks asked: none
+
+
+def test_paired_forward_with_the_same_label_twice_gives_exactly_zero_difference():
+    model, sched = tiny_unet(), schedule()
+    images, eps = torch.rand(3, 3, RES, RES) * 2 - 1, torch.randn(3, 3, RES, RES)
+    pair = paired_forward(model, sched, images, TIMESTEPS, eps, labels=(1, 1), blocks=[1, 2])
+    assert torch.count_nonzero(pair.noise_c0 - pair.noise_c1) == 0
+    assert all(torch.count_nonzero(f0 - f1) == 0 for f0, f1 in zip(pair.features_c0, pair.features_c1))
+    assert pair.noise_c0.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- noise_difference
@@ -395,6 +444,7 @@ def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
     Measured pooled AUROC 0.98-0.99 (training seeds 0-2, 100-150 steps), so 0.8 leaves a wide margin.
     """
     from diffseg.ddpm import train_ddpm
+    from diffseg.settings import TrainSettings
 
     dataset_h5, ckpt = tmp_path / "dataset.h5", tmp_path / "ddpm.pt"
     write_synthetic_dataset(dataset_h5)
@@ -403,8 +453,8 @@ def test_trained_ddpm_difference_maps_find_lesions(tmp_path):
         dataset_h5, ckpt, tmp_path / "loss.csv", tmp_path / "loss.png",
         model=dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], dropout=0.0),
         augment=no_augment,
-        train=dict(steps=100, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.9, checkpoint_every=1000,
-                   device="cpu", precision="fp32"),
+        train=TrainSettings(steps=100, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.9, checkpoint_every=1000,
+                            device="cpu", precision="fp32"),
     )
     out = tmp_path / "test.h5"
     run_inference(dataset_h5, ckpt, out, InferenceSettings(device="cpu"))  # the default timesteps 60..150

@@ -114,3 +114,73 @@ def test_fast_dice_equals_mask_metrics_dice():
         pred, truth = rng.random((9, 9)) > 0.6, rng.random((9, 9)) > 0.5
         assert dice(pred, truth) == mask_metrics(pred, truth)["dice"]
     assert dice(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+
+
+# ----------------------------------------------------------------------------- HD95
+
+
+def _square(top, left, side=10, shape=(40, 40)):
+    return _mask(slice(top, top + side), slice(left, left + side), shape)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_hd95_of_two_squares_offset_by_k_pixels_is_k(k):
+    from diffseg.metrics import hd95
+
+    assert hd95(_square(10, 10 + k), _square(10, 10)) == k  # sideways
+    assert hd95(_square(10 + k, 10), _square(10, 10)) == k  # downwards
+    assert hd95(_square(10, 10), _square(10 + k, 10)) == k  # symmetric
+
+
+def test_hd95_by_hand_identical_empty_and_diagonal():
+    from diffseg.metrics import hd95
+
+    square = _square(5, 5)
+    assert hd95(square, square) == 0.0
+    empty = np.zeros_like(square)
+    assert hd95(empty, square) is None and hd95(square, empty) is None and hd95(empty, empty) is None
+    one, other = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    one[2, 2], other[5, 6] = True, True  # a 3-4-5 triangle: Euclidean, in pixels
+    assert hd95(one, other) == 5.0
+    with pytest.raises(ValueError, match="truth is"):
+        hd95(square, np.zeros((4, 5), bool))
+
+
+def _brute_force_hd95(pred, truth):
+    """The definition written out without distance transforms or cropping: all pairwise surface distances."""
+    def surface(mask):
+        padded = np.pad(mask, 1)  # outside the image counts as outside the mask
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return np.argwhere(mask & ~inner)
+
+    a, b = surface(pred), surface(truth)
+    distances = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+    return max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95))
+
+
+def test_hd95_equals_the_definition_on_random_blobs_touching_the_border():
+    from scipy import ndimage
+
+    from diffseg.metrics import hd95
+
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        blobs = [ndimage.gaussian_filter(rng.random((30, 37)), 3) for _ in range(2)]
+        pred, truth = (b > np.quantile(b, q) for b, q in zip(blobs, rng.uniform(0.4, 0.9, 2)))
+        assert hd95(pred, truth) == pytest.approx(_brute_force_hd95(pred, truth), abs=1e-9)
+
+
+def test_the_official_score_carries_hd95_and_its_mean_skips_empty_masks(tmp_path):
+    from diffseg.metrics import score_png_pairs
+
+    truth = _square(10, 10)
+    write_mask_png(tmp_path / "t.png", truth)
+    write_mask_png(tmp_path / "shifted.png", _square(10, 14))
+    write_mask_png(tmp_path / "empty.png", np.zeros_like(truth))
+    table = score_png_pairs([("a", tmp_path / "shifted.png", tmp_path / "t.png"),
+                             ("b", tmp_path / "empty.png", tmp_path / "t.png")])
+    assert table["hd95"].iloc[0] == 4.0 and np.isnan(table["hd95"].iloc[1])
+    assert table["dice"].tolist() == [pytest.approx(2 * 60 / 200), 0.0]
+    means = aggregate(table)
+    assert means["hd95"] == 4.0 and means["dice"] == pytest.approx(0.3)
+    assert "hd95" not in aggregate(table.iloc[[1]])  # no image with an HD95: no mean (not NaN)

@@ -179,6 +179,22 @@ def test_model_file_round_trip_and_errors(tmp_path):
         apply_risk(model, pd.DataFrame({"lesion_area": [0.1]}))
 
 
+def test_a_constant_feature_changes_no_risk_and_no_other_coefficient():
+    """A constant column standardises to zeros: fitting with or without it gives the same model elsewhere."""
+    table = synthetic_table().assign(crf_disagreement=0.0)
+    table["dice"] = np.where(table["output_dice_spread"] - table["otsu_vs_fused_dice"] > 0.5, 0.3, 0.9)
+    others = [f for f in FEATURES if f != "crf_disagreement"]
+    with_constant, _ = fit_risk(table, features=FEATURES)
+    without, _ = fit_risk(table, features=others)
+    coef = dict(zip(with_constant.features, with_constant.coef))
+    assert coef["crf_disagreement"] == 0 and with_constant.scale[FEATURES.index("crf_disagreement")] == 1.0
+    np.testing.assert_allclose([coef[f] for f in others], without.coef, rtol=0, atol=1e-9)
+    assert with_constant.intercept == pytest.approx(without.intercept, abs=1e-9)
+    risk = apply_risk(with_constant, table)
+    assert 0 < (table["dice"] < 0.7).sum() < len(table) and np.ptp(risk) > 0.5
+    np.testing.assert_allclose(risk, apply_risk(without, table), rtol=0, atol=1e-9)
+
+
 def test_rankings_read_each_feature_in_its_val_direction():
     table = synthetic_table()
     model, _ = fit_risk(table)
@@ -190,8 +206,9 @@ def test_rankings_read_each_feature_in_its_val_direction():
 # ----------------------------------------------------------------------------- fitted on val only
 
 
-def write_split_files(tmp_path, test_images_value=128):
-    """dataset.h5 (val + test), val inference / CRF files and a paper calibration, 6 val images."""
+def write_split_files(tmp_path, test_images_value=128, n_rounds=2):
+    """dataset.h5 (val + test), val inference / CRF files (``n_rounds`` CRF rounds) and a paper calibration,
+    6 val images."""
     val_ids = [f"ISIC_{i:07d}" for i in range(6)]
     truth = [square(2 + i, 3, 6) for i in range(6)]
     outputs = {i: np.stack([truth[k], truth[k], square(0, 0, 3 + k)]) for k, i in enumerate(val_ids)}
@@ -211,7 +228,7 @@ def write_split_files(tmp_path, test_images_value=128):
                 f.attrs["split"] = "val"
             else:
                 f["fused"] = np.stack([data[i] for i in val_ids[::-1]]).astype(np.uint8)
-                f["rounds"] = np.stack([np.stack([data[i]] * 2) for i in val_ids[::-1]]).astype(np.uint8)
+                f["rounds"] = np.stack([np.stack([data[i]] * n_rounds) for i in val_ids[::-1]]).astype(np.uint8)
     save_calibration(tmp_path / "calibration.h5", Calibration(method="paper", threshold=0.5, best_timestep=70,
                                                               timesteps=[60, 70, 80]), (3, R, R), {})
     return [tmp_path / n for n in ("dataset.h5", "val_inference.h5", "val_crf.h5", "calibration.h5")]
@@ -235,6 +252,25 @@ def test_fit_reads_the_val_split_only(tmp_path, monkeypatch):
         f["test/masks"][...] = 1 - f["test/masks"][()]
     run_fit_risk(*files, second / "risk.json", features=["best_vs_fused_dice", "lesion_area"])
     assert (first / "risk.json").read_text() == (second / "risk.json").read_text()
+
+
+def test_crf_disagreement_leaves_the_model_only_when_the_crf_ran_one_round(tmp_path, caplog):
+    features = ["crf_disagreement", "best_vs_fused_dice", "lesion_area"]
+    (tmp_path / "two").mkdir(), (tmp_path / "one").mkdir()
+    run_fit_risk(*write_split_files(tmp_path / "two", n_rounds=2), tmp_path / "two/risk.json", features=features)
+    assert load_risk_model(tmp_path / "two/risk.json").features == features
+    assert "left out of the model" not in caplog.text
+    with caplog.at_level("INFO", logger="diffseg.risk"):
+        run_fit_risk(*write_split_files(tmp_path / "one", n_rounds=1), tmp_path / "one/risk.json", features=features)
+    one = load_risk_model(tmp_path / "one/risk.json")
+    assert one.features == features[1:] and "CRF disagreement is 0 on every image: left out" in caplog.text
+    # the rounds of the two-round file agree everywhere too, so the other numbers are the same
+    two = load_risk_model(tmp_path / "two/risk.json")
+    np.testing.assert_allclose(one.coef, two.coef[1:], rtol=0, atol=1e-9)
+    assert one.intercept == pytest.approx(two.intercept, abs=1e-9)
+    with pytest.raises(InputError, match=r"val_crf\.h5.*crf_disagreement\] only.*single round"):
+        run_fit_risk(*write_split_files(tmp_path / "one", n_rounds=1), tmp_path / "x.json",
+                     features=["crf_disagreement"])
 
 
 def test_fit_refuses_an_inference_file_of_another_split(tmp_path):

@@ -75,6 +75,47 @@ def test_channels_last_on_cuda_and_cpu_only():
     assert not uses_channels_last(torch.device("mps"))
 
 
-def test_device_generator_keeps_a_generator_on_its_device():
+def first_draws(seed: int, n: int = 2) -> list[int]:
+    """The first n values device_generator's seeding draw would take from a CPU generator seeded with seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [int(torch.randint(0, 2**62, (1,), generator=g)) for _ in range(n)]
+
+
+def test_device_generator_keeps_a_generator_on_its_device_untouched():
     g = torch.Generator().manual_seed(3)
     assert device_generator(g, torch.device("cpu")) is g
+    assert int(torch.randint(0, 2**62, (1,), generator=g)) == first_draws(3)[0]  # no draw was taken from it
+
+
+class AcceleratorGenerator:
+    """Stands in for torch.Generator(device=...) of a device this CPU-only torch lacks: records device and seed."""
+
+    def __init__(self, device):
+        self.device, self.seed = torch.device(device), None
+
+    def manual_seed(self, seed: int):
+        self.seed = seed
+        return self
+
+
+def test_device_generator_seeds_a_new_generator_on_another_device_from_the_given_one(monkeypatch):
+    three, three_again, four = (torch.Generator().manual_seed(seed) for seed in (3, 3, 4))
+    expected = {3: first_draws(3), 4: first_draws(4)}
+    monkeypatch.setattr(torch, "Generator", AcceleratorGenerator)
+    made = device_generator(three, torch.device("cuda"))
+    assert isinstance(made, AcceleratorGenerator) and made.device == torch.device("cuda")
+    # seeded by one draw of the given generator: the same seed gives the same device generator, another seed not
+    assert made.seed == expected[3][0] == device_generator(three_again, torch.device("cuda")).seed
+    assert device_generator(four, torch.device("cuda")).seed == expected[4][0] != made.seed
+    # the given generator moved on by that one draw: a second call derives the next seed
+    assert device_generator(three, torch.device("cuda")).seed == expected[3][1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_generator_on_cuda_gives_the_same_draws_for_the_same_seed():
+    cuda = torch.device("cuda")
+    made = [device_generator(torch.Generator().manual_seed(5), cuda) for _ in range(2)]
+    assert all(g.device.type == "cuda" for g in made)
+    draws = [torch.randn(8, device=cuda, generator=g) for g in made]
+    assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
+    assert device_generator(made[0], cuda) is made[0]

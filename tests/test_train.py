@@ -1,5 +1,6 @@
 import csv
 import math
+import time
 
 import h5py
 import numpy as np
@@ -7,9 +8,11 @@ import pytest
 import torch
 
 from diffseg.augment import PairedAugment
-from diffseg.ddpm import PairSampler, build_model, epsilon_loss, load_model, resume_path_for, train_ddpm
+from diffseg.ddpm import PairSampler, build_model, epsilon_loss, load_model, train_ddpm
 from diffseg.schedule import Schedule, q_sample
-from diffseg.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
+from diffseg.settings import TrainSettings
+from diffseg.train import (EMA, CheckpointError, EarlyStopping, RunFiles, TimeBudget, Trainer, load_checkpoint,
+                           resume_path_for, save_checkpoint)
 
 torch.set_num_threads(1)
 
@@ -52,20 +55,20 @@ def write_dataset(path, n=10):
     return path
 
 
-def make_trainer(tmp_path, steps, name="run", sample_batch=None, loss_fn=None, model_cfg=None, **overrides):
-    """A Trainer on tiny synthetic pairs, with files under tmp_path/name."""
+def make_trainer(tmp_path, steps, name="run", model_cfg=None, stopping=None, clock=None, sample_batch=None,
+                 **overrides):
+    """A Trainer on tiny synthetic pairs, with files under tmp_path/name; overrides are TrainSettings fields."""
     torch.manual_seed(0)
     images, healthy, _ = synthetic_pairs(8)
     cfg = {**TINY_MODEL, **(model_cfg or {})}
     model = build_model(cfg, R)
     sampler = PairSampler(images, healthy, 8, PairedAugment(), cfg["class_dropout"], model.null_label)
     schedule = Schedule.from_config(DIFFUSION)
-    loss = loss_fn or (lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], schedule, g))
     out = tmp_path / name
-    kwargs = {k: v for k, v in TRAIN.items() if k != "batch_size"}
-    kwargs.update(overrides)
-    return Trainer(model, loss, sample_batch or sampler, checkpoint=out / "model.pt", resume_path=out / "model.pt.resume.pt",
-                   metrics_csv=out / "loss.csv", config={"model": cfg, "image_size": R}, steps=steps, **kwargs)
+    settings = TrainSettings(**{**TRAIN, "steps": steps, **overrides})
+    files = RunFiles(out / "model.pt", out / "loss.csv", kind="ddpm", config={"model": cfg, "image_size": R})
+    return Trainer(model, lambda m, batch, g: epsilon_loss(m, batch[0], batch[1], schedule, g), sample_batch or sampler,
+                   settings, files, stopping=stopping, clock=clock or time.monotonic)
 
 
 def assert_states_equal(a, b):
@@ -87,7 +90,7 @@ def assert_optimizer_equal(a, b):
 def test_train_ddpm_lowers_loss_and_writes_outputs(tmp_path):
     h5 = write_dataset(tmp_path / "dataset.h5")
     ckpt, csv_path, png = tmp_path / "m" / "ddpm.pt", tmp_path / "m" / "loss.csv", tmp_path / "m" / "loss.png"
-    train = {**TRAIN, "steps": 60, "checkpoint_every": 20, "log_every": 10}
+    train = TrainSettings(**{**TRAIN, "steps": 60, "checkpoint_every": 20, "log_every": 10})
     summary = train_ddpm(h5, ckpt, csv_path, png, model=TINY_MODEL, diffusion=DIFFUSION, augment={}, train=train)
     assert summary["steps"] == 60 and summary["pairs"] == 9 and summary["image_size"] == R
     rows = list(csv.DictReader(open(csv_path)))
@@ -110,10 +113,11 @@ def test_train_ddpm_lowers_loss_and_writes_outputs(tmp_path):
 def test_train_ddpm_rejects_unknown_keys_and_odd_batch(tmp_path):
     h5 = write_dataset(tmp_path / "dataset.h5")
     out = tmp_path / "x.pt"
-    with pytest.raises(ValueError, match="train.*stepz"):
-        train_ddpm(h5, out, tmp_path / "l.csv", tmp_path / "l.png", train={"stepz": 3})
+    with pytest.raises(ValueError, match="config section 'train': stepz"):
+        TrainSettings.from_config({"stepz": 3})
     with pytest.raises(ValueError, match="batch_size must be even"):
-        train_ddpm(h5, out, tmp_path / "l.csv", tmp_path / "l.png", model=TINY_MODEL, train={**TRAIN, "batch_size": 7, "steps": 1})
+        train_ddpm(h5, out, tmp_path / "l.csv", tmp_path / "l.png", model=TINY_MODEL,
+                   train=TrainSettings(**{**TRAIN, "batch_size": 7, "steps": 1}))
 
 
 def test_epsilon_loss_uses_q_sample_with_drawn_t_and_noise():
@@ -148,6 +152,103 @@ def test_pair_sampler_pairs_twins_and_drops_labels():
     assert set(y.tolist()) == {0, 1, 2} and 150 < int((y == 2).sum()) < 250
 
 
+# ----------------------------------------------------------------------------- the trainer's parts, each alone
+
+
+def test_ema_update_is_the_decayed_average_and_copies_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(3.0)
+    ema.update(model)
+    for name, p in model.named_parameters():
+        assert torch.allclose(ema.model.state_dict()[name], before[name] + 0.1 * (p - before[name]), atol=1e-6)
+    assert torch.equal(ema.model[1].running_mean, torch.full((2,), 3.0))  # buffers are copied, not averaged
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    assert ema.final_state() is not None and ema.best is None
+    ema.keep_best()
+    best = {k: v.clone() for k, v in ema.best.items()}
+    ema.update(model)  # a later update leaves the kept best unchanged
+    assert_states_equal(ema.final_state(), best)
+    assert not torch.equal(ema.model.state_dict()["0.weight"], best["0.weight"])
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stopping = EarlyStopping(lambda model: 0.0, every=3, patience=2)
+    assert [stopping.due(step) for step in (1, 3, 4, 6)] == [False, True, False, True]
+    assert [stopping.observe(m) for m in (0.5, 0.4, 0.6, 0.6)] == [True, False, True, False]  # a tie is no gain
+    assert stopping.best == 0.6 and stopping.evals_since_best == 1 and not stopping.exhausted
+    assert not stopping.observe(0.1) and stopping.exhausted
+    lower = EarlyStopping(lambda model: 0.0, every=1, maximize=False)
+    assert [lower.observe(m) for m in (0.5, 0.4, 0.7)] == [True, True, False] and lower.best == 0.4
+    assert not lower.exhausted  # patience None: never stops early
+    with pytest.raises(ValueError, match="evaluation every 0 steps"):
+        EarlyStopping(lambda model: 0.0, every=0)
+
+
+def test_time_budget_reads_the_clock_only_with_a_budget():
+    budget = TimeBudget(1, clock=FakeClock(20.0))
+    budget.start()  # 20 s
+    assert [budget.spent() for _ in range(3)] == [False, False, True]  # 20, 40 then 60 s after the start
+    clock = FakeClock(20.0)
+    unlimited = TimeBudget(None, clock=clock)
+    unlimited.start()
+    assert not any(unlimited.spent() for _ in range(5)) and clock.now == 20.0  # one read, at the start
+    for bad in (0, -1.5):
+        with pytest.raises(ValueError, match=f"max_minutes must be a positive number.*{bad}"):
+            TimeBudget(bad)
+
+
+def checkpoint_state(files, step, weight_shape=(2,)):
+    return {"model": {"w": torch.zeros(weight_shape)}, "ema": {"w": torch.ones(weight_shape)}, "optimizer": {},
+            "scaler": None, "step": step, "config": files.config, "version": "test", "kind": files.kind,
+            "best_metric": None}
+
+
+def test_run_files_write_the_resume_file_the_final_checkpoint_and_the_csv(tmp_path):
+    files = RunFiles(tmp_path / "m.pt", tmp_path / "log.csv", kind="ddpm", config={"model": {"w": 1}, "image_size": R})
+    assert files.resume_path == resume_path_for(tmp_path / "m.pt") == tmp_path / "m.pt.resume.pt"
+    assert files.load_resume("cpu", {"w": torch.zeros(2)}) is None
+    assert files.kept_checkpoint_text() == f"no resume checkpoint was written yet ({files.resume_path})"
+    files.save_resume(checkpoint_state(files, 4))
+    assert files.kept_checkpoint_text().endswith("m.pt.resume.pt (step 4)")
+    again = RunFiles(tmp_path / "m.pt", tmp_path / "log.csv", kind="ddpm", config={"model": {"w": 1}, "image_size": R})
+    assert again.load_resume("cpu", {"w": torch.zeros(2)})["step"] == 4 and again.last_saved_step == 4
+    rows = [{"step": 2, "loss": 0.5, "lr": 1e-3, "images_per_s": 10.0, "extra": "not a column"}]
+    files.save_final(checkpoint_state(files, 6), rows, keep_resume=True)
+    assert files.resume_path.exists() and load_checkpoint(tmp_path / "m.pt")["step"] == 6
+    assert list(csv.DictReader(open(tmp_path / "log.csv"))) == [{"step": "2", "loss": "0.5", "lr": "0.001",
+                                                                  "images_per_s": "10.0"}]
+    files.save_final(checkpoint_state(files, 6), rows)
+    assert not files.resume_path.exists()
+    with pytest.raises(ValueError, match="resume_path must differ"):
+        RunFiles(tmp_path / "m.pt", tmp_path / "log.csv", kind="ddpm", config={}, resume_path=tmp_path / "m.pt")
+
+
+def test_run_files_refuse_a_resume_file_of_another_model(tmp_path):
+    files = RunFiles(tmp_path / "m.pt", tmp_path / "log.csv", kind="ddpm", config={"model": {"w": 1}, "image_size": R})
+    files.save_resume(checkpoint_state(files, 4))
+    other_config = RunFiles(tmp_path / "m.pt", tmp_path / "l.csv", kind="ddpm", config={"model": {"w": 2},
+                                                                                         "image_size": R})
+    with pytest.raises(CheckpointError, match=r"m\.pt\.resume\.pt: resume file .*differs in \['model'\]"):
+        other_config.load_resume("cpu", {"w": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="differs in parameter shapes"):
+        files.load_resume("cpu", {"w": torch.zeros(3)})
+    baseline = RunFiles(tmp_path / "m.pt", tmp_path / "l.csv", kind="baseline", config=files.config)
+    with pytest.raises(CheckpointError, match="kind is 'ddpm', expected 'baseline'"):
+        baseline.load_resume("cpu", {"w": torch.zeros(2)})
+
+
+def test_train_settings_refuse_zero_steps_and_intervals():
+    for bad in ({"steps": 0}, {"checkpoint_every": 0}, {"log_every": 0}):
+        with pytest.raises(ValueError, match="steps, checkpoint_every and log_every must be >= 1"):
+            TrainSettings(**bad)
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -163,11 +264,11 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     assert ckpt["step"] == 3 and ckpt["kind"] == "ddpm" and ckpt["config"]["model"]["base_channels"] == 16
     fresh = make_trainer(tmp_path, 3, name="fresh")
     save_checkpoint(tmp_path / "copy.pt", ckpt)
-    fresh.resume_path = tmp_path / "copy.pt"
+    fresh.files.resume_path = tmp_path / "copy.pt"
     fresh.resume()
     assert fresh.step == 3
     assert_states_equal(fresh.model.state_dict(), trainer.model.state_dict())
-    assert_states_equal(fresh.ema.state_dict(), trainer.ema.state_dict())
+    assert_states_equal(fresh.ema.model.state_dict(), trainer.ema.model.state_dict())
     assert_optimizer_equal(fresh.optimizer.state_dict(), trainer.optimizer.state_dict())
     assert fresh.rows == trainer.rows
 
@@ -264,7 +365,7 @@ def test_early_stopping_keeps_best_ema(tmp_path):
         snapshots.append({k: v.clone() for k, v in ema_model.state_dict().items()})
         return next(metrics)
 
-    trainer = make_trainer(tmp_path, 20, name="es", evaluate=evaluate, eval_every=2, patience=2)
+    trainer = make_trainer(tmp_path, 20, name="es", stopping=EarlyStopping(evaluate, 2, patience=2))
     summary = trainer.fit()
     assert summary["stopped_early"] and summary["steps"] == 8 and summary["best_metric"] == 0.9
     ckpt = load_checkpoint(tmp_path / "es" / "model.pt")
@@ -296,7 +397,7 @@ def test_time_budget_stops_after_the_step_that_spends_it(tmp_path, caplog):
     assert not summary["stopped_early"]
     final = load_checkpoint(tmp_path / "tb" / "model.pt", kind="ddpm")
     assert final["step"] == 4 and final["steps_planned"] == 10 and final["stopped_by"] == "max_minutes"
-    assert_states_equal(final["ema"], trainer.ema.state_dict())  # the EMA weights of the step reached
+    assert_states_equal(final["ema"], trainer.ema.model.state_dict())  # the EMA weights of the step reached
     rows = list(csv.DictReader(open(tmp_path / "tb" / "loss.csv")))
     assert [int(r["step"]) for r in rows] == [3, 4]  # the stop step is logged although not a log_every step
     resume = load_checkpoint(tmp_path / "tb" / "model.pt.resume.pt")
@@ -365,7 +466,7 @@ def test_time_budget_with_early_stopping_keeps_best_evaluated_ema(tmp_path):
         return next(metrics)
 
     # evaluations at steps 2, 4, 6; the budget (7 reads of 10 s after the start) ends at step 7
-    trainer = make_trainer(tmp_path, 20, name="tbe", evaluate=evaluate, eval_every=2, patience=5,
+    trainer = make_trainer(tmp_path, 20, name="tbe", stopping=EarlyStopping(evaluate, 2, patience=5),
                            max_minutes=70 / 60, clock=FakeClock(10.0))
     summary = trainer.fit()
     assert summary["steps"] == 7 and summary["stopped_by"] == "max_minutes" and summary["best_metric"] == 0.9
@@ -384,27 +485,9 @@ def test_train_ddpm_passes_the_time_budget(tmp_path):
     # a real clock and a budget far below one step's time: training stops after its first step
     h5 = write_dataset(tmp_path / "dataset.h5")
     ckpt = tmp_path / "m" / "ddpm.pt"
-    train = {**TRAIN, "steps": 50, "max_minutes": 1e-9}
+    train = TrainSettings(**{**TRAIN, "steps": 50, "max_minutes": 1e-9})
     summary = train_ddpm(h5, ckpt, tmp_path / "m" / "l.csv", tmp_path / "m" / "l.png", model=TINY_MODEL,
                          diffusion=DIFFUSION, augment={}, train=train)
     assert summary["steps"] == 1 and summary["stopped_by"] == "max_minutes"
     assert load_checkpoint(ckpt)["config"]["train"]["max_minutes"] == 1e-9
     assert load_checkpoint(resume_path_for(ckpt))["step"] == 1
-
-
-def test_train_and_baseline_defaults_equal_the_config_schema():
-    import inspect
-    from pathlib import Path
-
-    import yaml
-
-    from diffseg.baselines import train_baseline
-    from diffseg.ddpm import TRAIN_DEFAULTS
-
-    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
-    sections = schema["properties"]
-    assert {k: v["default"] for k, v in sections["train"]["properties"].items()} == TRAIN_DEFAULTS
-    params = inspect.signature(train_baseline).parameters
-    for key, spec in sections["baselines"]["properties"].items():
-        if key != "methods":  # which baselines run: the workflow's choice, not a training keyword
-            assert params[key].default == spec["default"], f"baselines.{key}"

@@ -9,7 +9,7 @@ import yaml
 from conftest import ISIC_256
 from workflow_helpers import REPO, snakemake, workflow_copy
 
-CHAIN = ["prepare_dataset", "train_ddpm", "noise_difference", "gather_inference", "calibrate", "uncertainty",
+CHAIN = ["prepare_dataset", "train_ddpm", "infer", "gather_inference", "calibrate", "uncertainty",
          "gather_uncertainty", "crf_fusion", "gather_crf", "export_masks", "train_baseline",
          "predict_baseline", "fit_risk", "evaluate", "figures", "risk_figures", "export_bundle"]
 
@@ -36,9 +36,25 @@ def test_dry_run_plans_the_full_chain_on_demo_data(tmp_path):
     jobs = planned_jobs(run.stdout)
     for rule in ["make_demo_data", *CHAIN]:
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
-    assert jobs["noise_difference"] == 2  # val (calibration) and test
+    assert jobs["infer"] == 2  # val (calibration) and test
     assert jobs["calibrate"] == 1
     assert jobs["train_baseline"] == 2 and jobs["predict_baseline"] == 3
+    assert "train_feature_head" not in jobs and "teacher_masks" not in jobs  # the paper method needs no head
+
+
+@pytest.mark.parametrize("targets", ["truth", "diffseg"])
+def test_dry_run_of_the_features_method_trains_its_head_before_inference(tmp_path, targets):
+    """inference.method features: rule infer reads the head (diffseg.methods), trained once, from the teacher's
+    masks only with features.targets diffseg; the bundle waits for the head too."""
+    wf = workflow_copy(tmp_path, {"inference": {"timesteps": [60, 100, 150], "method": "features"},
+                                  "features": {"targets": targets}})
+    run = snakemake(wf, "-n", "--printshellcmds")
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = planned_jobs(run.stdout)
+    assert jobs["train_feature_head"] == 1 and jobs["infer"] == 2 and jobs["export_bundle"] == 1
+    assert jobs.get("teacher_masks", 0) == (targets == "diffseg")
+    infer_inputs = re.findall(r"^rule infer:\n    input: (.*)$", run.stdout, re.M)
+    assert len(infer_inputs) == 2 and all("results/models/feature_head.pt" in i for i in infer_inputs)
 
 
 @pytest.mark.skipif(not ISIC_256.is_dir(), reason="shared ISIC data absent")
@@ -53,7 +69,7 @@ def test_dry_run_plans_the_full_chain_on_isic(tmp_path):
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
 
 
-GPU_RULES = {"train_ddpm", "train_baseline", "noise_difference"}
+GPU_RULES = {"train_ddpm", "train_baseline", "infer"}
 
 
 def planned_resources(output: str) -> list[tuple[str, dict[str, str]]]:
@@ -187,7 +203,7 @@ def test_quick_benchmark_and_each_ablation_row_plan_the_full_chain(tmp_path, ove
     run = snakemake(wf, "-n", configfiles=tuple(files))
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = planned_jobs(run.stdout)
-    for rule in ["prepare_dataset", "train_ddpm", "noise_difference", "calibrate", "crf_fusion", "evaluate"]:
+    for rule in ["prepare_dataset", "train_ddpm", "infer", "calibrate", "crf_fusion", "evaluate"]:
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
 
 
@@ -202,7 +218,7 @@ def test_gpu_config_and_its_paper_overlay_plan_the_chain(tmp_path, paper):
     run = snakemake(wf, "-n", "--printshellcmds", configfiles=tuple(files))
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = planned_jobs(run.stdout)
-    assert jobs["train_baseline"] == 1 and jobs["predict_baseline"] == 2 and jobs["noise_difference"] == 2
+    assert jobs["train_baseline"] == 1 and jobs["predict_baseline"] == 2 and jobs["infer"] == 2
     assert all(jobs.get(rule, 0) >= 1 for rule in CHAIN)
 
 

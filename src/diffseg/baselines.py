@@ -27,7 +27,8 @@ from diffseg.data import load_split
 from diffseg.metrics import mask_metrics
 from diffseg.postprocess import OTSU_CHANNELS, otsu_segment
 from diffseg.runtime import resolve_device, resolve_dtype, to_model_range
-from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
+from diffseg.settings import BaselineSettings, TrainSettings
+from diffseg.train import CheckpointError, EarlyStopping, RunFiles, Trainer, load_checkpoint, seeded
 from diffseg.unet import SegUNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ METHODS = ("otsu", "unet", "attention_unet")
 UNET_ATTENTION = {"unet": False, "attention_unet": True}
 CHECKPOINT_KIND = "baseline"
 PREDICT_BATCH = 64
-# the rest of the `baselines` config section, which predict_baseline accepts and ignores
-TRAINING_OPTIONS = ("base_channels", "depth", "steps", "batch_size", "lr", "eval_every", "patience", "seed", "max_minutes")
 
 
 def check_name(name: str) -> str:
@@ -128,57 +127,57 @@ def schedule_for(steps: int) -> dict:
     return {"warmup_steps": min(200, steps // 20), "ema_decay": min(0.999, max(0.0, 1.0 - 20.0 / steps))}
 
 
+def supervised_train_settings(steps: int, batch_size: int, lr: float, seed: int, **rest) -> TrainSettings:
+    """The Trainer settings of a supervised network (the U-Nets, the features head): AdamW with weight decay
+    1e-4, warm-up and EMA horizon scaled to the run (:func:`schedule_for`); ``rest``: other TrainSettings."""
+    return TrainSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, weight_decay=1e-4,
+                         **schedule_for(steps), **rest)
+
+
 def train_baseline(
     name: str,
     dataset_h5: str | os.PathLike,
     checkpoint: str | os.PathLike,
     log_csv: str | os.PathLike,
+    settings: BaselineSettings | None = None,
     *,
     augment: dict | None = None,
-    base_channels: int = 32,
-    depth: int = 4,
-    steps: int = 4000,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    eval_every: int = 200,
-    patience: int = 5,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = "auto",
-    max_minutes: float | None = None,
 ) -> dict:
     """Train the supervised U-Net (name "unet") or Attention U-Net ("attention_unet"); returns the trainer summary.
 
-    augment None or {} means PairedAugment's defaults. Otsu has nothing to train (ValueError).
-    The resume file is `<checkpoint>.resume.pt`; the final checkpoint keeps the best-val-Dice EMA weights.
-    max_minutes: wall-time budget of the training loop (diffseg.train.Trainer), None = until `steps`.
+    settings None means the ``baselines`` section's defaults; augment None or {} means PairedAugment's
+    defaults. Otsu has nothing to train (ValueError). The resume file is `<checkpoint>.resume.pt`; the
+    final checkpoint keeps the best-val-Dice EMA weights. ``settings.max_minutes``: wall-time budget of
+    the training loop (diffseg.train.TimeBudget), None = until ``steps``.
     """
+    s = settings if settings is not None else BaselineSettings()
     if check_name(name) == "otsu":
         raise ValueError("baselines: 'otsu' is training-free; train_baseline accepts only unet and attention_unet")
     train, val = load_split(dataset_h5, "train"), load_split(dataset_h5, "val")
     image_size = int(train["images"].shape[1])
-    check_size(image_size, depth, dataset_h5)
-    model_cfg = {"name": name, "base_channels": base_channels, "depth": depth, "attention": UNET_ATTENTION[name]}
-    with seeded(seed):  # the same initial weights in every run with this seed
+    check_size(image_size, s.depth, dataset_h5)
+    model_cfg = {"name": name, "base_channels": s.base_channels, "depth": s.depth, "attention": UNET_ATTENTION[name]}
+    with seeded(s.seed):  # the same initial weights in every run with this seed
         net = build_unet(model_cfg)
     logger.info("%s: %d parameters at %d px, %d train / %d val images", name, count_parameters(net), image_size,
                 len(train["ids"]), len(val["ids"]))
     config = {"model": model_cfg, "image_size": image_size, "augment": dict(augment or {}),
-              "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
-                        "patience": patience, "seed": seed, "precision": precision, "max_minutes": max_minutes}}
-    sampler = MaskSampler(train["images"], train["masks"], batch_size, PairedAugment(**(augment or {})))
-    torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
+              "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "eval_every": s.eval_every,
+                        "patience": s.patience, "seed": s.seed, "precision": s.precision,
+                        "max_minutes": s.max_minutes}}
+    sampler = MaskSampler(train["images"], train["masks"], s.batch_size, PairedAugment(**(augment or {})))
+    torch_device = resolve_device(s.device)
+    dtype = resolve_dtype(s.precision, torch_device)
 
     def val_dice(model: torch.nn.Module) -> float:
         return mean_dice(predict_masks(model, val["images"], torch_device, dtype), val["masks"])
 
     trainer = Trainer(
         net, lambda model, batch, generator: dice_bce_loss(model(batch[0]), batch[1]), sampler,
-        checkpoint=checkpoint, resume_path=resume_path_for(checkpoint), metrics_csv=log_csv, config=config,
-        steps=steps, lr=lr, weight_decay=1e-4, seed=seed, precision=precision, device=device,
-        evaluate=val_dice, eval_every=eval_every, patience=patience, kind=CHECKPOINT_KIND, max_minutes=max_minutes,
-        batch_setting="baselines.batch_size", **schedule_for(steps),
+        supervised_train_settings(s.steps, s.batch_size, s.lr, s.seed, precision=s.precision, device=s.device,
+                                  max_minutes=s.max_minutes),
+        RunFiles(checkpoint, log_csv, kind=CHECKPOINT_KIND, config=config),
+        stopping=EarlyStopping(val_dice, s.eval_every, s.patience), batch_setting="baselines.batch_size",
     )
     sampler.to(trainer.device, trainer.memory_format)
     return {**trainer.fit(), "name": name, "image_size": image_size, "parameters": count_parameters(net)}
@@ -243,30 +242,24 @@ def predict_baseline(
     dataset_h5: str | os.PathLike,
     checkpoint: str | os.PathLike | None,
     out_h5: str | os.PathLike,
+    settings: BaselineSettings | None = None,
     *,
     split: str = "test",
-    device: str = "auto",
-    precision: str = "auto",
-    **training_options,
 ) -> dict:
     """Masks of baseline `name` for `split`, written to out_h5 (layout in the module docstring).
 
-    Otsu takes no checkpoint (None); the U-Nets need theirs. training_options are the rest of the
-    `baselines` config section (steps, lr, ...): accepted so the rule can pass the whole section,
-    unused here because the checkpoint fixes the network. Returns a summary dict.
+    Otsu takes no checkpoint (None); the U-Nets need theirs, and run with ``settings.device`` and
+    ``settings.precision`` (the checkpoint fixes the network). Returns a summary dict.
     """
+    s = settings if settings is not None else BaselineSettings()
     check_name(name)
-    unknown = sorted(set(training_options) - set(TRAINING_OPTIONS))
-    if unknown:
-        raise ValueError(f"predict_baseline: unknown baselines option(s) {', '.join(unknown)}")
     ids = load_split(dataset_h5, split)["ids"]
     if name == "otsu":
         masks, extra = otsu_predict(dataset_h5, split)
     elif checkpoint is None:
         raise ValueError(f"baseline {name!r} needs a checkpoint from train_baseline; got None")
     else:
-        masks, extra = unet_predict(name, dataset_h5, checkpoint, split, device, precision)
+        masks, extra = unet_predict(name, dataset_h5, checkpoint, split, s.device, s.precision)
     write_predictions(out_h5, ids, masks, {"method": name, "split": split, "diffseg_version": __version__, **extra})
     logger.info("%s: %d %s masks written to %s", name, len(ids), split, out_h5)
     return {"method": name, "split": split, "n": len(ids), "out_h5": str(out_h5), **extra}
-

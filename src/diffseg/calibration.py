@@ -6,8 +6,10 @@ sigmoid) is ``diffseg.postprocess.apply_calibration``; this module fits one on t
 
 ``results/calibration/calibration.h5`` (rule ``calibrate``) holds the fitted settings: attributes
 ``method``, ``threshold``, ``sigmoid_scale``, ``blur_sigma``, ``closing_px``, ``fill_holes``,
-``largest_component``, ``bias`` (bool), ``best_timestep``, ``val_dice`` and datasets ``timesteps``
-and ``bias_map`` ``(T, R, R)`` float32 (zeros when the bias map is off).
+``largest_component``, ``bias`` (bool), ``best_timestep``, ``val_dice``, the ``precision`` and
+``device_type`` the val inference resolved to (copied from its file: the bundle records them, prediction
+must resolve to the same) and datasets ``timesteps`` and ``bias_map`` ``(T, R, R)`` float32 (zeros when
+the bias map is off).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from diffseg.h5io import check_split_attr, match_rows, read_h5
 from diffseg.imageio import InputError
 from diffseg.metrics import dice
 from diffseg.postprocess import Calibration, calibrated_outputs, corrected_maps, vote
+from diffseg.settings import RUNTIME_DEFINING
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +157,10 @@ def fit_calibration(val_maps: np.ndarray, val_truth: np.ndarray, timesteps: Sequ
 # ----------------------------------------------------------------------------- calibration.h5
 
 
-def save_calibration(path: str | os.PathLike, cal: Calibration, shape: tuple[int, int, int], report: dict) -> None:
-    """Write calibration.h5 (layout in the module docstring)."""
+def save_calibration(path: str | os.PathLike, cal: Calibration, shape: tuple[int, int, int], report: dict,
+                     runtime: dict | None = None) -> None:
+    """Write calibration.h5 (layout in the module docstring); ``runtime``: the val inference's precision and
+    device type (diffseg.settings.RUNTIME_DEFINING)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("timesteps", data=np.asarray(cal.timesteps, np.int32))
         bias = cal.bias_map if cal.bias_map is not None else np.zeros(shape, np.float32)
@@ -165,7 +170,7 @@ def save_calibration(path: str | os.PathLike, cal: Calibration, shape: tuple[int
                         "blur_sigma": cal.blur_sigma, "closing_px": cal.closing_px, "fill_holes": cal.fill_holes,
                         "largest_component": cal.largest_component, "bias": cal.bias_map is not None,
                         "best_timestep": -1 if cal.best_timestep is None else cal.best_timestep,
-                        "report": json.dumps(report)})
+                        "report": json.dumps(report), **(runtime or {})})
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -203,5 +208,6 @@ def run_calibrate(dataset_h5: str | os.PathLike, val_inference_h5: str | os.Path
     cal, report = fit_calibration(maps, truth["masks"], inf["timesteps"], method=method, threshold=threshold,
                                   bias=bias, blur_sigma=blur_sigma, closing_px=closing_px, fill_holes=fill_holes,
                                   largest_component=largest_component, sigmoid_scale=sigmoid_scale)
-    save_calibration(out_h5, cal, maps.shape[1:], report)
+    runtime = {key: inf["attrs"][key] for key in RUNTIME_DEFINING if key in inf["attrs"]}
+    save_calibration(out_h5, cal, maps.shape[1:], report, runtime)
     return report

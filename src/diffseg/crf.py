@@ -3,7 +3,8 @@
 Each of K rounds samples ``subset_size`` of the T maps without replacement, refines each with a
 two-label DenseCRF on the RGB image, averages the refined maps and binarizes them (y_k); the final
 mask is the vote of the y_k. The maps are used as lesion probabilities as given: whether they are
-raw normalised maps or calibrated ones is the caller's choice.
+raw normalised maps or calibrated ones is the caller's choice. When ``subset_size`` is T, every round
+would fuse all T maps and give the same y_k, so one round runs (:func:`rounds_to_run`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from functools import partial
 
 import h5py
@@ -29,43 +30,13 @@ from diffseg.h5io import decode_ids, match_rows, open_h5, require, write_ids
 from diffseg.imageio import InputError
 from diffseg.postprocess import PAPER, Calibration, apply_calibration
 from diffseg.seeding import content_key, image_rng
+from diffseg.settings import CRFSettings
 from diffseg.shards import image_chunks
 
 logger = logging.getLogger(__name__)
 
 PROB_CLIP = 1e-5  # keeps -log(p) finite for maps that are exactly 0 or 1
 MAX_CHUNK = 16  # images per worker task: large enough to amortise IPC, small enough for progress
-
-
-@dataclass(frozen=True)
-class CRFSettings:
-    """The ``crf`` config section (config/schema.yaml; defaults equal the schema's), validated once."""
-
-    rounds: int = 3
-    subset_size: int = 4
-    iterations: int = 5
-    gaussian_sxy: float = 3
-    gaussian_compat: float = 3
-    bilateral_sxy: float = 80
-    bilateral_srgb: float = 13
-    bilateral_compat: float = 10
-    threshold: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rounds < 1:
-            raise ValueError(f"crf.rounds = {self.rounds} must be at least 1")
-        if self.subset_size < 1:
-            raise ValueError(f"crf.subset_size = {self.subset_size} must be at least 1")
-
-    @classmethod
-    def from_config(cls, section: dict | None) -> "CRFSettings":
-        """Settings from the config section; an unknown key is an error naming it."""
-        given = dict(section or {})
-        unknown = sorted(set(given) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown key(s) in config section 'crf': {', '.join(unknown)}")
-        return cls(**given)
 
 
 DEFAULT = CRFSettings()
@@ -98,15 +69,27 @@ def _check_subset(subset_size: int, n_maps: int) -> None:
                          f"maps per image T = {n_maps}")
 
 
+def rounds_to_run(settings: CRFSettings, n_maps: int) -> int:
+    """K, or 1 when each round would sample all ``n_maps`` maps: those rounds refine the same maps and
+    average them, only in another order, so K of them vote for the first one's mask (a pixel could differ
+    only where its average lies within float rounding of the threshold)."""
+    return 1 if settings.subset_size == n_maps else settings.rounds
+
+
 def crf_fusion(image: np.ndarray, soft_maps: np.ndarray, rng: np.random.Generator,
                settings: CRFSettings = DEFAULT) -> tuple[np.ndarray, np.ndarray]:
-    """Fuse T soft maps (T, H, W) into (fused bool (H, W), per-round masks uint8 (K, H, W))."""
+    """Fuse T soft maps (T, H, W) into (fused bool (H, W), per-round masks uint8 (K', H, W)).
+
+    K' = :func:`rounds_to_run`: K, or 1 when the subset is all T maps.
+    """
     soft_maps = np.asarray(soft_maps, np.float32)
     if soft_maps.ndim != 3:
         raise ValueError(f"crf_fusion: soft_maps must be (T, H, W), got {soft_maps.shape}")
     _check_subset(settings.subset_size, soft_maps.shape[0])
-    per_round = np.empty((settings.rounds, *soft_maps.shape[1:]), np.uint8)
-    for k in range(settings.rounds):
+    n_rounds = rounds_to_run(settings, soft_maps.shape[0])
+    per_round = np.empty((n_rounds, *soft_maps.shape[1:]), np.uint8)
+    for k in range(n_rounds):
+        # with all T maps the draw only orders the sum: the one round is exactly the first of K
         picks = rng.choice(soft_maps.shape[0], size=settings.subset_size, replace=False)
         refined = np.mean([dense_crf(image, soft_maps[i], settings) for i in picks], axis=0)
         per_round[k] = refined >= settings.threshold
@@ -181,6 +164,8 @@ def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_
             calibration_h5: str | os.PathLike | None = None, paper_rows: bool = True) -> dict:
     """CRF fusion of every image in inference.h5; writes crf/{split}.h5 (PNG masks: diffseg.export).
 
+    ``rounds`` holds the rounds that ran (:func:`rounds_to_run`: one when the subset is every output).
+
     The CRF's lesion probabilities come from the calibration in ``calibration_h5`` (None = the paper's
     identity: the normalised maps). With a non-paper calibration the paper-faithful fusion is written
     too, as ``paper_fused``/``paper_rounds``, unless ``paper_rows`` is False (prediction: no table).
@@ -189,13 +174,17 @@ def run_crf(dataset_h5: str | os.PathLike, inference_h5: str | os.PathLike, out_
         raise ValueError(f"crf.threads = {threads} must be at least 1")
     ids, (n, n_maps, res, _) = _read_inference(inference_h5)
     _check_subset(settings.subset_size, n_maps)
+    n_rounds = rounds_to_run(settings, n_maps)
+    if n_rounds < settings.rounds:
+        logger.info("crf: subset_size = %d is every output: the %d rounds would all fuse the same maps, so one "
+                    "round runs (the same final mask)", settings.subset_size, settings.rounds)
     rows = _dataset_rows(dataset_h5, split, ids, res, inference_h5)
     cal = load_calibration(calibration_h5) if calibration_h5 is not None else PAPER
     calibrations = (cal,) if cal.is_paper or not paper_rows else (cal, PAPER)
     task = partial(_fuse_chunk, dataset_h5=str(dataset_h5), inference_h5=str(inference_h5), split=split,
                    settings=settings, calibrations=calibrations)
     fused = np.empty((len(calibrations), n, res, res), np.uint8)
-    per_round = np.empty((len(calibrations), n, settings.rounds, res, res), np.uint8)
+    per_round = np.empty((len(calibrations), n, n_rounds, res, res), np.uint8)
     jobs = _jobs(n, threads, rows)
     began = time.perf_counter()
     with tqdm(total=n, desc=f"crf {split}", mininterval=5, unit="img") as bar:

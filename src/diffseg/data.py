@@ -26,13 +26,13 @@ from diffseg.h5io import decode_ids, write_ids
 from diffseg.imageio import IMAGE_SUFFIXES, InputError, read_mask, read_rgb
 from diffseg.inpaint import METHODS, dilate_mask, remove_lesion
 from diffseg.seeding import content_key, image_seed
+from diffseg.settings import PrepareSettings
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PREDICT = "predict"  # the group of images without masks (prepare_images), a split for the per-image stages
 OFFICIAL = {"train": "Training", "val": "Validation", "test": "Test"}
-DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 Pair = tuple[str, Path, Path]  # (id, image path, mask path)
 
@@ -76,6 +76,11 @@ def truth_mask_files(data_dir: str | os.PathLike, ids: list[str]) -> dict[str, P
         raise InputError(data_dir, f"no ground-truth mask for image id {missing[0]} "
                          f"({len(missing)} of {len(ids)} ids absent)")
     return {image_id: masks[image_id] for image_id in ids}
+
+
+def mask_files(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> dict[str, Path]:
+    """The mask file of every image in ``image_dir``, by id, paired as the dataset's are (``_match_pairs``)."""
+    return {image_id: mask for image_id, _, mask in _match_pairs(Path(image_dir), Path(mask_dir))}
 
 
 def image_files(folder: Path) -> dict[str, Path]:
@@ -231,57 +236,52 @@ def prepare_dataset(
     out_h5: str | os.PathLike,
     split_csv: str | os.PathLike,
     preview_png: str | os.PathLike | None = None,
+    settings: PrepareSettings | None = None,
     *,
-    resolution: int = 128,
-    dilate_px: int = 3,
-    inpaint: str = "texture",
-    split_fractions: dict[str, float] = DEFAULT_FRACTIONS,
-    split_seed: int = 0,
-    on_bad_file: str = "error",
-    preview_n: int = 4,
     threads: int = 1,
-    limit: int | None = None,
 ) -> dict:
     """Build ``dataset.h5`` (layout in docs/ARCHITECTURE.md), the split table and a preview figure.
 
-    Every pair is read, validated and resized before anything heavy or anything is written.
-    Non-square originals are squashed to ``resolution x resolution`` (``orig_size`` keeps (H, W)).
-    Official ISIC split folders are used when Validation or Test is present; otherwise the
-    (training) pool is split with ``split_fractions`` and ``split_seed``. Healthy twins are made
-    for the train split only. ``on_bad_file="skip"`` skips files that fail validation, logs them
-    and lists them in the ``skipped`` attribute; ``"error"`` raises the first failure.
-    ``limit`` keeps only the first N pairs (sorted by id) of each split folder, for quick runs.
+    ``settings``: the ``prepare`` section (None: its defaults). Every pair is read, validated and
+    resized before anything heavy or anything is written. Non-square originals are squashed to
+    ``resolution x resolution`` (``orig_size`` keeps (H, W)). Official ISIC split folders are used when
+    Validation or Test is present; otherwise the (training) pool is split with ``split_fractions`` and
+    ``split_seed``, which also seeds the healthy twins' texture. Healthy twins are made for the train
+    split only. ``on_bad_file="skip"`` skips files that fail validation, logs them and lists them in the
+    ``skipped`` attribute; ``"error"`` raises the first failure. ``limit`` keeps only the first N pairs
+    (sorted by id) of each split folder, for quick runs.
     Returns a summary dict (counts per split, skipped files, images without a twin, seconds).
     """
+    s = settings if settings is not None else PrepareSettings()
     started = time.perf_counter()
-    _check_options(resolution, dilate_px, inpaint, on_bad_file, threads, limit)
-    discovered = {split: pairs[:limit] for split, pairs in discover_pairs(data_dir).items()}
-    split_of = _assign_splits(discovered, split_fractions, split_seed)
+    _check_options(s.resolution, s.dilate_px, s.inpaint, s.on_bad_file, threads, s.limit)
+    discovered = {split: pairs[:s.limit] for split, pairs in discover_pairs(data_dir).items()}
+    split_of = _assign_splits(discovered, s.split_fractions, s.split_seed)
     pairs = [pair for split in SPLITS for pair in discovered.get(split, [])]
     logger.info("found %d image/mask pairs in %s", len(pairs), data_dir)
 
-    loaded, skipped = _load_all(pairs, resolution, on_bad_file, threads)
+    loaded, skipped = _load_all(pairs, s.resolution, s.on_bad_file, threads)
     if not loaded:
         raise InputError(data_dir, f"no valid image/mask pair left ({len(skipped)} skipped)")
     groups = _group_by_split(loaded, split_of)
-    _add_healthy_twins(groups.get("train"), dilate_px, inpaint, split_seed, threads)
+    _add_healthy_twins(groups.get("train"), s.dilate_px, s.inpaint, s.split_seed, threads)
 
     attrs = {
         "source": str(Path(data_dir).resolve()),
-        "resolution": resolution,
-        "dilate_px": dilate_px,
-        "inpaint": inpaint,
-        "split_seed": split_seed,
-        "split_fractions": json.dumps(dict(split_fractions)),
+        "resolution": s.resolution,
+        "dilate_px": s.dilate_px,
+        "inpaint": s.inpaint,
+        "split_seed": s.split_seed,
+        "split_fractions": json.dumps(dict(s.split_fractions)),
         "diffseg_version": diffseg.__version__,
         "skipped": json.dumps(skipped),
     }
     _write_h5(out_h5, groups, attrs)
-    _write_split_csv(split_csv, {s: g["ids"] for s, g in groups.items()})
+    _write_split_csv(split_csv, {split: g["ids"] for split, g in groups.items()})
     if preview_png is not None:
-        write_preview(preview_png, groups.get("train", next(iter(groups.values()))), preview_n)
+        write_preview(preview_png, groups.get("train", next(iter(groups.values()))), s.preview_n)
     summary = {
-        "counts": {s: len(g["ids"]) for s, g in groups.items()},
+        "counts": {split: len(g["ids"]) for split, g in groups.items()},
         "skipped": skipped,
         "no_healthy": [i for i, ok in zip(groups["train"]["ids"], groups["train"]["has_healthy"]) if not ok]
         if "train" in groups

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from diffseg.data import load_split
 from diffseg.imageio import InputError
 from diffseg.runtime import device_generator, resolve_device, to_model_range
 from diffseg.schedule import Schedule
-from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
+from diffseg.settings import TrainSettings
+from diffseg.train import CheckpointError, RunFiles, Trainer, load_checkpoint, seeded
 from diffseg.unet import ConditionalUNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -24,9 +26,6 @@ logger = logging.getLogger(__name__)
 MODEL_DEFAULTS = dict(base_channels=64, channel_mult=[1, 2, 2, 3], num_res_blocks=2, attention_resolutions=[16],
                       num_heads=4, dropout=0.1, class_dropout=0.0, padding="zeros")
 DIFFUSION_DEFAULTS = dict(T=1000, beta_start=1e-4, beta_end=0.02)
-TRAIN_DEFAULTS = dict(steps=20000, batch_size=64, lr=2e-4, warmup_steps=500, weight_decay=0.0, ema_decay=0.999,
-                      grad_clip=1.0, checkpoint_every=500, log_every=50, seed=0, precision="auto", compile=False,
-                      channels_last=True, device="auto", max_minutes=None)
 LESION, HEALTHY = 1, 0
 
 
@@ -132,40 +131,37 @@ def train_ddpm(
     model: dict | None = None,
     diffusion: dict | None = None,
     augment: dict | None = None,
-    train: dict | None = None,
+    train: TrainSettings | None = None,
 ) -> dict:
     """Train the conditional DDPM; writes the checkpoint, the loss CSV and the loss PNG. Returns a summary.
 
-    augment None or {} means PairedAugment's defaults (the config default); the resume file is
-    `<checkpoint>.resume.pt`, beside the declared output.
+    augment None or {} means PairedAugment's defaults (the config default); train None means the
+    ``train`` section's defaults. The resume file is `<checkpoint>.resume.pt`, beside the declared output.
     """
     model_cfg = with_defaults("model", model, MODEL_DEFAULTS)
     diffusion_cfg = with_defaults("diffusion", diffusion, DIFFUSION_DEFAULTS)
-    train_cfg = with_defaults("train", train, TRAIN_DEFAULTS)
+    train = train if train is not None else TrainSettings()
     augment_cfg = dict(augment or {})
     lesion, healthy = load_pairs(dataset_h5)
     image_size = int(lesion.shape[1])
-    with seeded(train_cfg["seed"]):  # the same initial weights in every run with this seed
+    with seeded(train.seed):  # the same initial weights in every run with this seed
         net = build_model(model_cfg, image_size)
     logger.info("conditional U-Net: %d parameters at %d px", count_parameters(net), image_size)
-    sampler = PairSampler(lesion, healthy, train_cfg["batch_size"], PairedAugment(**augment_cfg),
+    sampler = PairSampler(lesion, healthy, train.batch_size, PairedAugment(**augment_cfg),
                           model_cfg["class_dropout"], net.null_label)
-    config = {"model": model_cfg, "diffusion": diffusion_cfg, "train": train_cfg, "augment": augment_cfg,
+    config = {"model": model_cfg, "diffusion": diffusion_cfg, "train": asdict(train), "augment": augment_cfg,
               "image_size": image_size}
-    schedule = Schedule.from_config(diffusion_cfg, resolve_device(train_cfg["device"]))
+    schedule = Schedule.from_config(diffusion_cfg, resolve_device(train.device))
 
     def loss_fn(m, batch, generator):
         x0, y = batch
         return epsilon_loss(m, x0, y, schedule, generator)
 
-    trainer_kwargs = {k: v for k, v in train_cfg.items() if k != "batch_size"}
-    trainer = Trainer(net, loss_fn, sampler, checkpoint=checkpoint, resume_path=resume_path_for(checkpoint),
-                      metrics_csv=metrics_csv, config=config, kind="ddpm", **trainer_kwargs)
+    trainer = Trainer(net, loss_fn, sampler, train, RunFiles(checkpoint, metrics_csv, kind="ddpm", config=config))
     sampler.to(trainer.device, trainer.memory_format)
     summary = trainer.fit()
     write_loss_png(loss_png, trainer.rows)
     return {**summary, "pairs": int(lesion.shape[0]), "image_size": image_size, "parameters": count_parameters(net)}
-
 
 
 def load_model(

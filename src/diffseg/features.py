@@ -34,15 +34,16 @@ from torch import nn
 
 from diffseg import __version__
 from diffseg.atomic import atomic_path
-from diffseg.baselines import dice_bce_loss, mean_dice, schedule_for
+from diffseg.baselines import dice_bce_loss, mean_dice, supervised_train_settings
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.imageio import InputError
-from diffseg.inference import InferenceSettings, check_timesteps, file_sha256, image_noise, run_inference
+from diffseg.inference import check_timesteps, file_sha256, image_noise, paired_forward, run_inference
 from diffseg.h5io import match_rows, read_h5, write_ids
-from diffseg.runtime import autocast, resolve_autocast, resolve_device, to_model_range
+from diffseg.runtime import resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
-from diffseg.train import CheckpointError, Trainer, load_checkpoint, resume_path_for, seeded
+from diffseg.settings import HeadSettings, InferenceSettings
+from diffseg.train import CheckpointError, EarlyStopping, RunFiles, Trainer, load_checkpoint, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -82,37 +83,36 @@ def feature_inputs(model, schedule: Schedule, images: torch.Tensor, timesteps: S
                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, T, C, H, W) float32 head inputs of images (B, 3, H, W) for one noise draw eps (B, 3, H, W).
 
-    One forward call holds every image x timestep x label (batch 2*B*T), c0 and c1 on the same x_t.
+    One forward call holds every image x timestep x label (batch 2*B*T), c0 and c1 on the same x_t
+    (diffseg.inference.paired_forward).
     """
     check_inputs(use_features, use_difference, use_noise)
     b, _, h, w = images.shape
-    n_t, device = len(timesteps), images.device
-    t_flat = torch.as_tensor(list(timesteps), dtype=torch.long, device=device).repeat(b)  # image-major
-    x_t = schedule.q_sample(images.repeat_interleave(n_t, dim=0), t_flat, eps.to(images).repeat_interleave(n_t, dim=0))
-    y = torch.cat([torch.full((b * n_t,), label, dtype=torch.long, device=device) for label in LABELS])
-    with torch.inference_mode(), autocast(device, autocast_dtype):
-        pred, acts = model.forward_with_features(torch.cat([x_t, x_t]), torch.cat([t_flat, t_flat]), y, blocks)
+    pair = paired_forward(model, schedule, images, timesteps, eps, labels=LABELS, autocast_dtype=autocast_dtype,
+                          blocks=blocks)
+
+    def upsampled(acts) -> torch.Tensor:
+        return torch.cat([F.interpolate(a.float(), size=(h, w), mode="bilinear", align_corners=False)
+                          for a in acts], dim=1)
+
     parts = []
-    upsampled = [F.interpolate(a.float(), size=(h, w), mode="bilinear", align_corners=False) for a in acts]
-    h0, h1 = torch.cat(upsampled, dim=1).chunk(2)
+    h0, h1 = upsampled(pair.features_c0), upsampled(pair.features_c1)
     if use_features:
         parts.append(h1)
     if use_difference:
         parts.append((h0 - h1).abs())
     if use_noise:
-        eps_c0, eps_c1 = pred.float().chunk(2)
-        parts.append((eps_c0 - eps_c1).abs().mean(dim=1, keepdim=True))
-    return torch.cat(parts, dim=1).reshape(b, n_t, -1, h, w)
+        parts.append((pair.noise_c0 - pair.noise_c1).abs().mean(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1).reshape(b, len(timesteps), -1, h, w)
 
 
 def split_inputs(model, schedule: Schedule, ids: Sequence[str], images_uint8: np.ndarray,
                  timesteps: Sequence[int], blocks: Sequence[int], *, seed: int, batch_images: int,
-                 device: torch.device, autocast_dtype: torch.dtype | None = None, use_features: bool = True,
-                 use_difference: bool = True, use_noise: bool = True) -> torch.Tensor:
+                 device: torch.device, autocast_dtype: torch.dtype | None = None,
+                 switches: dict[str, bool] | None = None) -> torch.Tensor:
     """(N, T, C, R, R) float16 on the CPU: the head inputs of a whole split under noise draw 0 of each image."""
     source = StreamedInputs(model, schedule, ids, images_uint8, timesteps, blocks, seed=seed,
-                            batch_images=batch_images, device=device, autocast_dtype=autocast_dtype,
-                            use_features=use_features, use_difference=use_difference, use_noise=use_noise)
+                            batch_images=batch_images, device=device, autocast_dtype=autocast_dtype, switches=switches)
     return source.read(np.arange(len(ids)), source.timesteps, out_device=torch.device("cpu"))
 
 
@@ -124,16 +124,18 @@ class StreamedInputs:
     draw 0 of each image; it reads them all through this class), so a head trained on them is the head a cached training gives, at the cost
     of one DDPM forward call per batch. Reads: ``inputs[a:b]`` (every timestep of images a..b) and
     ``inputs[rows, t_index]`` ((B, C, R, R), image rows[i] at timestep index t_index[i]).
+    ``switches``: the feature_inputs keywords use_features, use_difference, use_noise (None: all on;
+    HeadSettings.switches gives them).
     """
 
     def __init__(self, model, schedule: Schedule, ids: Sequence[str], images_uint8: np.ndarray,
                  timesteps: Sequence[int], blocks: Sequence[int], *, seed: int, batch_images: int,
-                 device: torch.device, autocast_dtype: torch.dtype | None = None, use_features: bool = True,
-                 use_difference: bool = True, use_noise: bool = True):
+                 device: torch.device, autocast_dtype: torch.dtype | None = None,
+                 switches: dict[str, bool] | None = None):
         self.model, self.schedule, self.ids, self.images = model, schedule, list(ids), images_uint8
         self.timesteps, self.blocks, self.seed, self.batch_images = list(timesteps), list(blocks), seed, batch_images
         self.device, self.autocast_dtype = device, autocast_dtype
-        self.switches = dict(use_features=use_features, use_difference=use_difference, use_noise=use_noise)
+        self.switches = dict(switches if switches is not None else HeadSettings().switches)
         channels = input_channels(model, blocks, **self.switches)
         self.shape = (len(self.ids), len(self.timesteps), channels, *images_uint8.shape[1:3])
 
@@ -263,101 +265,78 @@ def read_targets(path: str | os.PathLike, ids: Sequence[str]) -> np.ndarray:
     return data["masks"][match_rows(ids, data["ids"], path)].astype(bool)
 
 
-def train_feature_head(
-    dataset_h5: str | os.PathLike,
-    ddpm_checkpoint: str | os.PathLike,
-    head_checkpoint: str | os.PathLike,
-    log_csv: str | os.PathLike,
-    *,
-    timesteps: Sequence[int],
-    targets_h5: str | os.PathLike | None = None,
-    blocks: Sequence[int] | None = None,
-    use_features: bool = True,
-    use_difference: bool = True,
-    use_noise: bool = True,
-    head: str = "mlp",
-    hidden: int = 64,
-    layers: int = 2,
-    steps: int = 400,
-    batch_size: int = 32,
-    lr: float = 0.001,
-    eval_every: int = 50,
-    patience: int = 4,
-    seed: int = 0,
-    input_cache_mb: float = 8000,
-    noise_seed: int = 0,
-    batch_images: int = 16,
-    device: str = "auto",
-    precision: str = "auto",
-) -> dict:
+def train_feature_head(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.PathLike,
+                       head_checkpoint: str | os.PathLike, log_csv: str | os.PathLike, settings: HeadSettings,
+                       inference: InferenceSettings, *, targets_h5: str | os.PathLike | None = None) -> dict:
     """Fit the head on the TRAIN split (its masks, or ``targets_h5``'s DiffSeg masks of it); val Dice early-stops.
 
-    Nothing of the test split is read; the val split gives only the early-stopping score. The inputs of
-    both splits are computed once and held in memory when they take at most ``input_cache_mb``, and
-    otherwise computed from the DDPM per batch (:class:`StreamedInputs`: the same values, more DDPM calls).
+    ``inference`` gives the timesteps, the noise seed, batch_images, device and precision the inputs are
+    computed with (the inference run's, so the head sees the inputs inference gives it). Nothing of the
+    test split is read; the val split gives only the early-stopping score. The inputs of both splits are
+    computed once and held in memory when they take at most ``settings.input_cache_mb``, and otherwise
+    computed from the DDPM per batch (:class:`StreamedInputs`: the same values, more DDPM calls).
     """
-    check_inputs(use_features, use_difference, use_noise)
-    dev = resolve_device(device)
-    autocast_dtype = resolve_autocast(dev, precision)
+    switches = settings.switches
+    check_inputs(**switches)
+    dev = resolve_device(inference.device)
+    autocast_dtype = resolve_autocast(dev, inference.precision)
     model, ddpm_cfg = load_model(ddpm_checkpoint, device=str(dev), use_ema=True)
-    timesteps = check_timesteps(timesteps, int(ddpm_cfg["diffusion"]["T"]))
-    blocks = resolve_blocks(model, blocks)
+    timesteps = check_timesteps(inference.timesteps, int(ddpm_cfg["diffusion"]["T"]))
+    blocks = resolve_blocks(model, settings.blocks)
     schedule = Schedule.from_config(ddpm_cfg["diffusion"], dev)
     train, val = load_split(dataset_h5, "train"), load_split(dataset_h5, "val")
     targets = train["masks"] if targets_h5 is None else read_targets(targets_h5, train["ids"])
-    switches = dict(use_features=use_features, use_difference=use_difference, use_noise=use_noise)
     channels = input_channels(model, blocks, **switches)
     megabytes = input_megabytes(len(train["ids"]) + len(val["ids"]), len(timesteps), channels,
                                 int(train["images"].shape[1]))
-    streamed = megabytes > input_cache_mb
+    streamed = megabytes > settings.input_cache_mb
     logger.info("head inputs: %d channels (blocks %s, %s) x %d timesteps, %.0f MB for train + val: %s", channels,
                 blocks, switches, len(timesteps), megabytes,
-                f"computed per batch (over features.input_cache_mb = {input_cache_mb:g})" if streamed
+                f"computed per batch (over features.input_cache_mb = {settings.input_cache_mb:g})" if streamed
                 else "computed once and held in memory")
     source = StreamedInputs if streamed else split_inputs
-    inputs = {name: source(model, schedule, split["ids"], split["images"], timesteps, blocks, seed=noise_seed,
-                           batch_images=batch_images, device=dev, autocast_dtype=autocast_dtype, **switches)
+    inputs = {name: source(model, schedule, split["ids"], split["images"], timesteps, blocks, seed=inference.seed,
+                           batch_images=inference.batch_images, device=dev, autocast_dtype=autocast_dtype,
+                           switches=switches)
               for name, split in (("train", train), ("val", val))}
     config = {"image_size": int(train["images"].shape[1]), "timesteps": timesteps, "blocks": blocks, **switches,
-              "targets": "truth" if targets_h5 is None else "diffseg", "noise_seed": noise_seed,
+              "targets": "truth" if targets_h5 is None else "diffseg", "noise_seed": inference.seed,
               "ddpm_sha256": file_sha256(ddpm_checkpoint)}
     summary = fit_head(inputs["train"], targets, inputs["val"], val["masks"], head_checkpoint, log_csv, config,
-                       head=head, hidden=hidden, layers=layers, steps=steps, batch_size=batch_size, lr=lr,
-                       eval_every=eval_every, patience=patience, seed=seed, device=device, precision=precision)
+                       settings, device=inference.device, precision=inference.precision)
     return {**summary, "blocks": blocks, "train_images": len(train["ids"]), "inputs_streamed": streamed}
 
 
 def fit_head(train_inputs: torch.Tensor, train_targets: np.ndarray, val_inputs: torch.Tensor, val_masks: np.ndarray,
-             head_checkpoint: str | os.PathLike, log_csv: str | os.PathLike, config: dict, *, head: str = "mlp",
-             hidden: int = 64, layers: int = 2, steps: int = 400, batch_size: int = 32, lr: float = 0.001,
-             eval_every: int = 50, patience: int = 4, seed: int = 0, device: str = "auto",
-             precision: str = "auto") -> dict:
+             head_checkpoint: str | os.PathLike, log_csv: str | os.PathLike, config: dict,
+             settings: HeadSettings | None = None, *, device: str = "auto", precision: str = "auto") -> dict:
     """Train a FeatureHead on (N, T, C, R, R) train inputs and (N, R, R) targets with the one Trainer.
 
     Standardisation and every gradient come from the train inputs; the val inputs and masks only score
-    the EMA head every ``eval_every`` steps (early stopping, best weights kept). ``config`` is stored in
-    the checkpoint beside the head's own settings.
+    the EMA head every ``settings.eval_every`` steps (early stopping, best weights kept). ``config`` is
+    stored in the checkpoint beside the head's own settings. settings None: the ``features`` defaults.
     """
-    spec = {"in_channels": int(train_inputs.shape[2]), "n_timesteps": int(train_inputs.shape[1]), "kind": head,
-            "hidden": hidden, "layers": layers}
+    s = settings if settings is not None else HeadSettings()
+    spec = {"in_channels": int(train_inputs.shape[2]), "n_timesteps": int(train_inputs.shape[1]), "kind": s.head,
+            "hidden": s.hidden, "layers": s.layers}
     if tuple(val_inputs.shape[1:3]) != tuple(train_inputs.shape[1:3]):
         raise ValueError(f"val inputs {tuple(val_inputs.shape)} do not match train inputs {tuple(train_inputs.shape)}")
-    with seeded(seed):
+    with seeded(s.seed):
         net = FeatureHead(**spec)
     net.set_standardisation(train_inputs)
-    config = {**config, "model": spec, "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
-                                                 "eval_every": eval_every, "patience": patience, "seed": seed}}
-    sampler = InputSampler(train_inputs, train_targets, batch_size)
+    config = {**config, "model": spec, "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
+                                                 "eval_every": s.eval_every, "patience": s.patience, "seed": s.seed}}
+    sampler = InputSampler(train_inputs, train_targets, s.batch_size)
 
     def val_score(ema_head: nn.Module) -> float:
         return vote_dice(head_probabilities(ema_head, val_inputs), val_masks)
 
     trainer = Trainer(
         net, lambda m, batch, generator: dice_bce_loss(m(batch[0], batch[1]), batch[2]), sampler,
-        checkpoint=head_checkpoint, resume_path=resume_path_for(head_checkpoint), metrics_csv=log_csv, config=config,
-        steps=steps, lr=lr, weight_decay=1e-4, seed=seed, precision=precision, device=device,
-        evaluate=val_score, eval_every=eval_every, patience=patience, kind=CHECKPOINT_KIND, channels_last=False,
-        **schedule_for(steps),
+        supervised_train_settings(s.steps, s.batch_size, s.lr, s.seed, precision=precision, device=device,
+                                  channels_last=False),
+        RunFiles(head_checkpoint, log_csv, kind=CHECKPOINT_KIND, config=config),
+        stopping=EarlyStopping(val_score, s.eval_every, s.patience), batch_setting="features.batch_size",
     )
     return {**trainer.fit(), "in_channels": spec["in_channels"]}
 
@@ -390,7 +369,7 @@ def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, i
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, T, H, W) float32: the head's lesion probability per timestep, averaged over the noise draws.
 
-    ``noise`` is (B, D, 3, H, W), as diffseg.inference.draw_noise gives it.
+    ``noise`` is (B, D, 3, H, W), as diffseg.inference.image_noise gives it.
     """
     switches = {k: head_cfg[k] for k in ("use_features", "use_difference", "use_noise")}
     total = None
@@ -402,21 +381,20 @@ def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, i
     return total / noise.shape[1]
 
 
-def run_feature_inference(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.PathLike,
-                          head_checkpoint: str | os.PathLike, out_h5: str | os.PathLike,
-                          settings: InferenceSettings, *, split: str = "test", shard: int = 0,
-                          n_shards: int = 1) -> dict:
-    """inference.method features for one shard of a split -> out_h5, in the inference.h5 layout (run_inference)."""
-    if settings.method != "features":
-        raise ValueError(f"run_feature_inference needs inference.method 'features', got {settings.method!r}")
-    head, head_cfg = load_head(head_checkpoint, ddpm_checkpoint, resolve_device(settings.device))
-    check_head_timesteps(head_cfg, settings.timesteps, head_checkpoint)
+def head_maps(settings: InferenceSettings, checkpoint: str | os.PathLike, head: str | os.PathLike):
+    """The maps function of inference.method features (diffseg.methods): the trained head's lesion probabilities.
 
-    def maps_fn(model, schedule, images, timesteps, noise, autocast_dtype):
-        return feature_maps(model, head, head_cfg, schedule, images, timesteps, noise, autocast_dtype)
+    Loads the head (``head``: feature_head.pt of rule train_feature_head) once and refuses one trained on
+    another DDPM than ``checkpoint`` or for other timesteps; run_inference writes its maps in the inference.h5
+    layout.
+    """
+    net, head_cfg = load_head(head, checkpoint, resolve_device(settings.device))
+    check_head_timesteps(head_cfg, settings.timesteps, head)
 
-    return run_inference(dataset_h5, ddpm_checkpoint, out_h5, settings, split=split, shard=shard, n_shards=n_shards,
-                         maps_fn=maps_fn)
+    def maps_fn(model, schedule, images, timesteps, noise, autocast_dtype=None):
+        return feature_maps(model, net, head_cfg, schedule, images, timesteps, noise, autocast_dtype)
+
+    return maps_fn
 
 
 # ----------------------------------------------------------------------------- weak supervision (rule teacher_masks)

@@ -1,12 +1,13 @@
 """Noise-difference maps (paper eq. 2): |eps(x_t, c0, t) - eps(x_t, c1, t)| per image and timestep.
 
-About 350 lines: the settings, the two model passes (eq. 2 and the DDIM reconstruction lever) and the
-inference.h5 writer of one stage; post-processing, schedule and runtime live in their own modules.
+About 400 lines: the settings, the model passes (the paired c0/c1 forward pass every method builds on, eq. 2
+and the DDIM reconstruction lever) and the inference.h5 writer of one stage (rule infer); post-processing,
+schedule and runtime live in their own modules, the per-method choices in diffseg.methods.
 
-Pipeline per batch of images: draw per-image noise -> one forward call per noise draw covering all
-images x timesteps x both labels -> raw maps (T, H, W) per image -> per-image post-processing
-(diffseg.postprocess: normalise, binarize) -> rows of ``inference.h5`` (layout in docs/ARCHITECTURE.md).
-The ``inference`` config section arrives once, as :class:`InferenceSettings`.
+Pipeline per batch of images: draw per-image noise -> the method's maps function (paper: one forward
+call per noise draw covering all images x timesteps x both labels) -> raw maps (T, H, W) per image ->
+per-image post-processing (diffseg.postprocess: normalise, binarize) -> rows of ``inference.h5`` (layout
+in docs/ARCHITECTURE.md). The ``inference`` config section arrives once, as :class:`diffseg.settings.InferenceSettings`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -28,70 +30,16 @@ from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.h5io import write_ids
 from diffseg.imageio import InputError
-from diffseg.postprocess import NORMALISE_METHODS, check_threshold, postprocess_image
-from diffseg.runtime import (autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, to_model_range,
-                             uses_channels_last)
+from diffseg.methods import inference_method
+from diffseg.postprocess import postprocess_image
+from diffseg.runtime import (autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, resolved_runtime,
+                             to_model_range, uses_channels_last)
 from diffseg.schedule import Schedule
 from diffseg.seeding import content_key, image_generator
+from diffseg.settings import InferenceSettings
 from diffseg.shards import shard_indices
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMESTEPS = tuple(range(60, 151, 10))
-INFERENCE_METHODS = ("paper", "reconstruct", "features")
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """The ``inference`` config section (config/schema.yaml; defaults equal the schema's), validated once."""
-
-    timesteps: tuple = DEFAULT_TIMESTEPS
-    noise_draws: int = 1
-    normalise: str = "p99"
-    threshold: float | str = 0.5
-    batch_images: int = 16
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    method: str = "paper"
-    recon_steps: int = 5
-    recon_compare: str = "c1"
-    compile: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
-        if not self.timesteps:
-            raise ValueError("inference.timesteps is empty: give at least one diffusion step")
-        if self.noise_draws < 1:
-            raise ValueError(f"inference.noise_draws must be >= 1, got {self.noise_draws}")
-        if self.batch_images < 1:
-            raise ValueError(f"inference.batch_images must be >= 1, got {self.batch_images}")
-        if self.normalise not in NORMALISE_METHODS:
-            raise ValueError(f"inference.normalise must be one of {NORMALISE_METHODS}, got {self.normalise!r}")
-        check_threshold(self.threshold)
-        if self.method not in INFERENCE_METHODS:
-            raise ValueError(f"inference.method must be one of {INFERENCE_METHODS}, got {self.method!r}")
-        if self.recon_steps < 1:
-            raise ValueError(f"inference.recon_steps must be >= 1, got {self.recon_steps}")
-        if self.recon_compare not in ("c1", "input"):
-            raise ValueError(f"inference.recon_compare must be 'c1' or 'input', got {self.recon_compare!r}")
-
-    @classmethod
-    def from_config(cls, section: dict | None, ignore: Sequence[str] = ("splits",)) -> "InferenceSettings":
-        """Settings from the config section; keys in ``ignore`` (the rule's own, e.g. splits) are skipped,
-        any other unknown key is an error naming it."""
-        given = {k: v for k, v in (section or {}).items() if k not in ignore}
-        unknown = sorted(set(given) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown key(s) in config section 'inference': {', '.join(unknown)}")
-        return cls(**given)
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The autocast dtype of ``precision`` on device (None = plain fp32)."""
-        return resolve_autocast(device, self.precision)
 
 
 # ----------------------------------------------------------------------------- the model passes
@@ -123,6 +71,61 @@ def _label_batch(labels: tuple[int, int], n: int, device: torch.device) -> torch
     return torch.cat([torch.full((n,), label, dtype=torch.long, device=device) for label in labels])
 
 
+@dataclass(frozen=True)
+class PairedPass:
+    """The model's outputs under labels[0] (c0) and labels[1] (c1) on the same x_t, from one forward call.
+
+    Rows are image-major over (image, timestep): row i * T + k is image i at timesteps[k]. ``noise_c0`` and
+    ``noise_c1`` are the predicted noise in float32; ``features_c0``/``features_c1`` hold the requested
+    decoder blocks' activations (in the model's output dtype), empty unless blocks were asked for.
+    """
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    noise_c0: torch.Tensor
+    noise_c1: torch.Tensor
+    features_c0: tuple[torch.Tensor, ...] = ()
+    features_c1: tuple[torch.Tensor, ...] = ()
+
+
+def paired_forward(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    images: torch.Tensor,
+    timesteps: Sequence[int],
+    eps: torch.Tensor,
+    *,
+    labels: tuple[int, int] = (0, 1),
+    autocast_dtype: torch.dtype | None = None,
+    blocks: Sequence[int] | None = None,
+    channels_last: bool = False,
+) -> PairedPass:
+    """x_t of images (B, 3, H, W) at every timestep with one noise draw eps (B, 3, H, W), and the model run
+    under both labels on it in one forward call of batch 2*B*T (c0 rows first, then c1).
+
+    ``blocks``: also return these decoder blocks' activations (``model.forward_with_features``).
+    ``channels_last``: feed the batch in channels_last (the inference stage's model is channels_last where
+    :func:`diffseg.runtime.uses_channels_last`: CUDA and CPU).
+    """
+    b, n_t, device = images.shape[0], len(timesteps), images.device
+    with torch.inference_mode():
+        t_flat = torch.as_tensor(list(timesteps), dtype=torch.long, device=device).repeat(b)  # image-major
+        eps_flat = eps.to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
+        x_t = schedule.q_sample(images.repeat_interleave(n_t, dim=0), t_flat, eps_flat)
+        x_in = torch.cat([x_t, x_t])
+        if channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        t_in, y = torch.cat([t_flat, t_flat]), _label_batch(labels, b * n_t, device)
+        with autocast(device, autocast_dtype):
+            if blocks is None:
+                pred, acts = model(x_in, t_in, y), []
+            else:
+                pred, acts = model.forward_with_features(x_in, t_in, y, blocks)
+        noise_c0, noise_c1 = pred.float().chunk(2)
+        halves = [a.chunk(2) for a in acts]
+    return PairedPass(x_t, t_flat, noise_c0, noise_c1, tuple(h[0] for h in halves), tuple(h[1] for h in halves))
+
+
 def noise_difference(
     model: torch.nn.Module,
     schedule: Schedule,
@@ -134,27 +137,17 @@ def noise_difference(
 ) -> torch.Tensor:
     """(B, T, H, W) float32: mean over noise draws of channel-mean |eps_c0 - eps_c1| on the same x_t.
 
-    One forward call per draw holds every image x timestep x label (batch 2*B*T).
+    One forward call per draw holds every image x timestep x label (batch 2*B*T, :func:`paired_forward`).
     """
     b, _, h, w = _check_noise(images, noise)
     device = images.device
     n_t = len(timesteps)
-    t_per_image = torch.as_tensor(list(timesteps), dtype=torch.long, device=device)
-    t_flat = t_per_image.repeat(b)  # image-major: (b0 t0, b0 t1, ..., b1 t0, ...)
-    x0_flat = images.repeat_interleave(n_t, dim=0)
-    y = _label_batch(labels, b * n_t, device)
     total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for d in range(noise.shape[1]):
-            eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
-            x_t = schedule.q_sample(x0_flat, t_flat, eps)
-            x_in = torch.cat([x_t, x_t])
-            if uses_channels_last(device):
-                x_in = x_in.contiguous(memory_format=torch.channels_last)
-            with autocast(device, autocast_dtype):
-                pred = model(x_in, torch.cat([t_flat, t_flat]), y)
-            eps_c0, eps_c1 = pred.float().chunk(2)
-            total += (eps_c0 - eps_c1).abs().mean(dim=1).reshape(b, n_t, h, w)
+            pair = paired_forward(model, schedule, images, timesteps, noise[:, d], labels=labels,
+                                  autocast_dtype=autocast_dtype, channels_last=uses_channels_last(device))
+            total += (pair.noise_c0 - pair.noise_c1).abs().mean(dim=1).reshape(b, n_t, h, w)
     return total / noise.shape[1]
 
 
@@ -198,10 +191,12 @@ def reconstruction_difference(
     total = torch.zeros((b, n_t, h, w), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for d in range(noise.shape[1]):
-            eps = noise[:, d].to(device=device, dtype=images.dtype).repeat_interleave(n_t, dim=0)
-            t_first = torch.as_tensor([p[0] for p in paths], dtype=torch.long, device=device).repeat(b)
-            x = torch.cat([schedule.q_sample(x0_flat, t_first, eps)] * 2)
-            for k in range(n_steps):
+            # The first DDIM step is the paired pass on x_t0 (every path starts at its own t0).
+            first = paired_forward(model, schedule, images, timesteps, noise[:, d], labels=labels,
+                                   autocast_dtype=autocast_dtype, channels_last=uses_channels_last(device))
+            x = _ddim_update(schedule, torch.cat([first.x_t, first.x_t]),
+                             torch.cat([first.noise_c0, first.noise_c1]), *_path_steps(paths, 0, b, device))
+            for k in range(1, n_steps):
                 x = _ddim_paths_step(model, schedule, x, paths, k, b, y, autocast_dtype)
             x0_c0, x0_c1 = x.float().chunk(2)
             other = x0_c1 if compare == "c1" else x0_flat.float()
@@ -209,20 +204,39 @@ def reconstruction_difference(
     return total / noise.shape[1]
 
 
-def _ddim_paths_step(model, schedule: Schedule, x, paths, k, b, y, autocast_dtype):
-    """One deterministic DDIM step of every path at step k (a path already at x0 stays unchanged)."""
-    device = x.device
+def _path_steps(paths, k: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(now, next): every path's model step at step k and the one after, over the doubled batch (-1 = x0)."""
     now = torch.as_tensor([p[k] for p in paths], dtype=torch.long, device=device).repeat(2 * b)
     nxt = torch.as_tensor([p[k + 1] if k + 1 < len(p) else -1 for p in paths], dtype=torch.long,
                           device=device).repeat(2 * b)
-    active = now >= 0
-    if not bool(active.any()):
-        return x
-    x_in = x.contiguous(memory_format=torch.channels_last) if uses_channels_last(device) else x
-    with autocast(device, autocast_dtype):
-        eps = model(x_in, now.clamp(min=0), y).float()
+    return now, nxt
+
+
+def _ddim_update(schedule: Schedule, x, eps, now, nxt):
+    """The deterministic DDIM step of every active path (now >= 0); a path already at x0 stays unchanged."""
     stepped = schedule.ddim_step(x.float(), eps, now.clamp(min=0), nxt)
-    return torch.where(active.view(-1, 1, 1, 1), stepped, x.float())
+    return torch.where((now >= 0).view(-1, 1, 1, 1), stepped, x.float())
+
+
+def _ddim_paths_step(model, schedule: Schedule, x, paths, k, b, y, autocast_dtype):
+    """One deterministic DDIM step of every path at step k (model call, then :func:`_ddim_update`)."""
+    now, nxt = _path_steps(paths, k, b, x.device)
+    if not bool((now >= 0).any()):
+        return x
+    x_in = x.contiguous(memory_format=torch.channels_last) if uses_channels_last(x.device) else x
+    with autocast(x.device, autocast_dtype):
+        eps = model(x_in, now.clamp(min=0), y).float()
+    return _ddim_update(schedule, x, eps, now, nxt)
+
+
+def paper_maps(settings: InferenceSettings, checkpoint) -> Callable:
+    """The maps function of inference.method paper (diffseg.methods): eq. 2, :func:`noise_difference`."""
+    return noise_difference
+
+
+def reconstruct_maps(settings: InferenceSettings, checkpoint) -> Callable:
+    """The maps function of inference.method reconstruct: :func:`reconstruction_difference` at its settings."""
+    return partial(reconstruction_difference, steps=settings.recon_steps, compare=settings.recon_compare)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -263,33 +277,26 @@ def infer_batches(
     image_batches: Iterable[np.ndarray],
     out: h5py.File,
     settings: InferenceSettings,
+    maps_fn: Callable,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
-    maps_fn: Callable | None = None,
 ) -> int:
-    """Difference maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns count.
+    """Maps of consecutive uint8 batches (B, H, W, 3) for ids, writing rows of out. Returns the count.
 
-    ``settings.method="paper"``: eq. 2 (noise_difference); ``"reconstruct"``: reconstruction_difference;
-    ``"features"``: ``maps_fn(model, schedule, images, timesteps, noise, autocast_dtype)`` -> (B, T, H, W)
-    lesion probabilities (diffseg.features), stored without normalisation.
+    ``maps_fn(model, schedule, images, timesteps, noise, autocast_dtype=...)`` -> (B, T, H, W) raw maps is the
+    method's (:meth:`diffseg.methods.InferenceMethod.make_maps`); they are stored with the method's
+    normalisation (:func:`stored_normalise`) and binarized at ``settings.threshold``.
     """
     from tqdm.auto import tqdm
 
     s = settings
-    autocast_dtype = s.autocast_dtype(device)
+    autocast_dtype = resolve_autocast(device, s.precision)
     done = 0
     with tqdm(total=len(ids), unit="img", mininterval=5, disable=not progress) as bar:
         for batch in image_batches:
             images = to_model_range(batch, device)
             noise = image_noise(batch, s.seed, s.noise_draws)
-            if s.method == "paper":
-                raw = noise_difference(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype)
-            elif s.method == "features":
-                raw = maps_fn(model, schedule, images, s.timesteps, noise, autocast_dtype)
-            else:
-                raw = reconstruction_difference(model, schedule, images, s.timesteps, noise, steps=s.recon_steps,
-                                                compare=s.recon_compare, autocast_dtype=autocast_dtype)
-            raw = raw.cpu().numpy()
+            raw = maps_fn(model, schedule, images, s.timesteps, noise, autocast_dtype=autocast_dtype).cpu().numpy()
             processed = [postprocess_image(r, normalise=stored_normalise(s), threshold=s.threshold) for r in raw]
             out["maps"][done : done + len(batch)] = np.stack([p.maps for p in processed]).astype(np.float16)
             out["binary"][done : done + len(batch)] = np.stack([p.binary for p in processed])
@@ -301,8 +308,8 @@ def infer_batches(
 
 
 def stored_normalise(settings: InferenceSettings) -> str:
-    """The normalisation applied to the stored maps: none for the features method's probabilities."""
-    return "none" if settings.method == "features" else settings.normalise
+    """The normalisation applied to the stored maps (the method's: none for the features head's probabilities)."""
+    return inference_method(settings.method).stored_normalise(settings.normalise)
 
 
 def _batches(images: np.ndarray, batch_images: int) -> Iterable[np.ndarray]:
@@ -324,25 +331,23 @@ def run_inference(
     split: str = "test",
     shard: int = 0,
     n_shards: int = 1,
-    maps_fn: Callable | None = None,
+    artefacts: dict[str, str | os.PathLike] | None = None,
 ) -> dict:
-    """Difference maps (``settings.method``: paper eq. 2 or reconstruct) for one shard of a split -> out_h5.
+    """The maps of ``settings.method`` (diffseg.methods) for one shard of a split -> out_h5 (rule infer).
 
-    ``settings.method="features"`` runs through diffseg.features.run_feature_inference, which passes the
-    trained head as ``maps_fn`` and gets its lesion probabilities written in the same layout.
+    ``artefacts``: the method's trained files besides the DDPM checkpoint, by name (method features:
+    ``{"head": feature_head.pt}``); the method's maps function is made from them before any image is read.
 
     Returns a summary. ``settings.compile`` wraps the model in torch.compile (worth it on a GPU for
     large splits; the first batch pays the compilation).
     """
     s = settings if settings is not None else InferenceSettings()
     check_shard(shard, n_shards)
-    if s.method == "features" and maps_fn is None:
-        raise ValueError("inference.method 'features' needs the trained head: run it through "
-                         "diffseg.features.run_feature_inference (rule train_feature_head makes the head)")
     if not Path(checkpoint).is_file():
         raise InputError(checkpoint, "checkpoint file not found")
+    maps_fn = inference_method(s.method).make_maps(s, checkpoint, artefacts)
     dev = resolve_device(s.device)
-    autocast_dtype = s.autocast_dtype(dev)
+    autocast_dtype = resolve_autocast(dev, s.precision)
     model, cfg = load_model(checkpoint, device=str(dev), use_ema=True)
     T = int(cfg["diffusion"]["T"])
     timesteps = check_timesteps(s.timesteps, T)
@@ -365,7 +370,7 @@ def run_inference(
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "threshold": s.threshold,
         "normalise": stored_normalise(s), "noise_draws": s.noise_draws, "seed": s.seed, "method": s.method, "T": T,
         "recon_steps": s.recon_steps, "recon_compare": s.recon_compare,
-        "diffseg_version": diffseg.__version__, "split": split,
+        "diffseg_version": diffseg.__version__, "split": split, **resolved_runtime(s.device, s.precision),
     }  # no shard number: diffseg.shards.gather_h5 copies the first shard's attributes
     start = time.perf_counter()
     # No automatic halving on OOM: a batch's composition changes CPU/GPU rounding, so results would differ.
@@ -373,8 +378,7 @@ def run_inference(
     with (name_the_setting_on_oom("inference.batch_images", s.batch_images, oom_where),
           atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out):
         create_output(out, ids, timesteps, resolution, attrs)
-        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, device=dev,
-                          maps_fn=maps_fn)
+        n = infer_batches(model, schedule, ids, _batches(images, s.batch_images), out, s, maps_fn, device=dev)
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %d images in %.1f s (%.2f images/s)", out_h5, n, seconds, n / max(seconds, 1e-9))
     return {"out_h5": str(out_h5), "n_images": n, "seconds": seconds, "device": str(dev),

@@ -4,7 +4,8 @@ Degenerate cases follow isic-challenge-scoring: Dice and Jaccard are 1 when both
 precision is 1 when the prediction is empty and recall is 1 when the truth is empty (the scorer
 calls these "freebies"). Aggregation is the macro mean over images. ``mask_metrics`` scores in-memory masks (the working
 resolution); ``score_png_pairs`` / ``score_png_folder`` score PNG files at the original size with the
-official scorer's own code (the numbers of ISIC 2018 Task 1); tests check both agree.
+official scorer's own code (the numbers of ISIC 2018 Task 1); tests check both agree. The original-size
+score adds HD95 (``hd95``, pixels of the original image), which is undefined (NaN) where a mask is empty.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 from scipy.stats import rankdata
 
 from diffseg.imageio import InputError
@@ -23,6 +25,8 @@ from diffseg.imageio import InputError
 logger = logging.getLogger(__name__)
 
 METRICS = ("dice", "jaccard", "precision", "recall", "threshold_jaccard")
+OFFICIAL_METRICS = (*METRICS, "hd95")  # the original-size score: the overlap metrics and the surface distance
+HD95_PERCENTILE = 95
 ISIC_JACCARD_THRESHOLD = 0.65
 PNG_SUFFIX = "_segmentation.png"
 
@@ -57,11 +61,44 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
+def hd95(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """95th-percentile symmetric Hausdorff distance between the two masks' surfaces, in pixels; None when
+    either mask is empty (no surface to measure from).
+
+    A mask's surface is its pixels with a 4-neighbour outside it (the image border counts as outside).
+    For each direction, every surface pixel of one mask gets its Euclidean distance to the nearest surface
+    pixel of the other (a distance transform); the larger of the two directions' 95th percentiles is the
+    result (as the Hausdorff distance is the larger of its two directed distances). Computed inside the
+    masks' joint bounding box plus one pixel, which gives the same surfaces and distances at a fraction of
+    the cost of a large image.
+    """
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"hd95: prediction is {pred.shape} but truth is {truth.shape}")
+    if not pred.any() or not truth.any():
+        return None
+    box = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    surfaces = [_surface(mask[box]) for mask in (pred, truth)]
+    directed = [np.percentile(ndimage.distance_transform_edt(~to)[start], HD95_PERCENTILE)
+                for start, to in (surfaces, surfaces[::-1])]
+    return float(max(directed))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask; outside the array counts as outside the mask."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
 def aggregate(per_image: pd.DataFrame) -> pd.Series:
-    """Macro means (one value per metric, every image weighted equally) of a per-image table."""
-    columns = [c for c in METRICS if c in per_image.columns]
+    """Macro means (one value per metric, every image weighted equally) of a per-image table.
+
+    HD95 is averaged over the images that have one (NaN where a mask is empty) and left out where no
+    image has one.
+    """
+    columns = [c for c in OFFICIAL_METRICS if c in per_image.columns and (c != "hd95" or per_image[c].notna().any())]
     if per_image.empty or not columns:
-        raise ValueError(f"aggregate: need a non-empty table with columns among {METRICS}, "
+        raise ValueError(f"aggregate: need a non-empty table with columns among {OFFICIAL_METRICS}, "
                          f"got {len(per_image)} rows and columns {list(per_image.columns)}")
     return per_image[columns].mean(axis="index").rename("macro_average")
 
@@ -97,7 +134,8 @@ def _ids_in(folder: Path) -> dict[str, Path]:
 
 def official_metrics(pred_png: str | os.PathLike, truth_png: str | os.PathLike) -> dict[str, float]:
     """One image scored by the official ISIC 2018 scorer (isic-challenge-scoring): its image loading,
-    its binarisation (> 128), its confusion matrix and its metric functions (precision = its PPV).
+    its binarisation (> 128), its confusion matrix and its metric functions (precision = its PPV); and
+    ``hd95`` of the same binary masks (pixels at this size; None where a mask is empty).
 
     A size mismatch or an unreadable / non-greyscale file is an InputError naming the file.
     """
@@ -116,14 +154,17 @@ def official_metrics(pred_png: str | os.PathLike, truth_png: str | os.PathLike) 
     if pred.shape != truth.shape:
         raise InputError(pred_png, f"mask is {pred.shape[1]}x{pred.shape[0]} px; "
                          f"ground truth {Path(truth_png).name} is {truth.shape[1]}x{truth.shape[0]}")
-    cm = create_binary_confusion_matrix(truth_binary_values=truth > 128, prediction_binary_values=pred > 128)
+    pred, truth = pred > 128, truth > 128
+    cm = create_binary_confusion_matrix(truth_binary_values=truth, prediction_binary_values=pred)
     return {"dice": isic.binary_dice(cm), "jaccard": isic.binary_jaccard(cm), "precision": isic.binary_ppv(cm),
             "recall": isic.binary_sensitivity(cm),
-            "threshold_jaccard": isic.binary_threshold_jaccard(cm, threshold=ISIC_JACCARD_THRESHOLD)}
+            "threshold_jaccard": isic.binary_threshold_jaccard(cm, threshold=ISIC_JACCARD_THRESHOLD),
+            "hd95": hd95(pred, truth)}
 
 
 def score_png_pairs(pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]]) -> pd.DataFrame:
-    """Official per-image scores of (id, prediction PNG, ground-truth PNG) triples: one row per image.
+    """Official per-image scores of (id, prediction PNG, ground-truth PNG) triples: one row per image
+    (columns id and OFFICIAL_METRICS; hd95 NaN where a mask is empty).
 
     A missing prediction is an error naming the file, as in the official scorer.
     """
@@ -132,7 +173,7 @@ def score_png_pairs(pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathL
         if not Path(pred_png).is_file():
             raise InputError(pred_png, "prediction missing")
         rows.append({"id": image_id, **official_metrics(pred_png, truth_png)})
-    return pd.DataFrame(rows, columns=["id", *METRICS])
+    return pd.DataFrame(rows, columns=["id", *OFFICIAL_METRICS]).astype({"hd95": float})
 
 
 def score_png_folder(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike) -> pd.DataFrame:

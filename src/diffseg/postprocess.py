@@ -24,7 +24,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import disk
 
-NORMALISE_METHODS = ("p99", "max", "none")
+from diffseg.settings import NORMALISE_METHODS, check_threshold
+
 CALIBRATION_METHODS = ("paper", "calibrated")
 OTSU_CHANNELS = ("gray", "red", "green", "blue", "value")
 
@@ -65,14 +66,6 @@ def binarize(maps: np.ndarray, threshold: float | str = 0.5) -> np.ndarray:
         return out.reshape(maps.shape)
     check_threshold(threshold)
     return (maps > threshold).astype(np.uint8)
-
-
-def check_threshold(threshold) -> None:
-    """ValueError unless threshold is 'otsu' or a number in (0, 1) (the inference.threshold setting)."""
-    if threshold == "otsu":
-        return
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-        raise ValueError(f"inference.threshold must be a number in (0, 1) or 'otsu', got {threshold!r}")
 
 
 @dataclass

@@ -5,7 +5,8 @@ chain produced for it (no ground truth needed): how much its outputs disagree, h
 disagree, how large the final mask is and whether it runs into the image border, how confident the
 soft maps are around the threshold, and how well the final mask agrees with the best single output
 and with an independent Otsu segmentation of the image. :func:`fit_risk` standardises those features
-and fits an L2-regularised logistic regression for ``Dice < fail_dice`` on the VALIDATION split only;
+(leaving out CRF disagreement when the CRF ran a single round: it is then 0 on every image) and fits an
+L2-regularised logistic regression for ``Dice < fail_dice`` on the VALIDATION split only;
 :func:`apply_risk` turns features into a risk (the model's failure probability) for any image, with or
 without a mask. The model is a JSON file beside the calibration (``calibration/risk.json``).
 
@@ -26,7 +27,7 @@ import pandas as pd
 
 from diffseg.atomic import atomic_path
 from diffseg.calibration import load_calibration
-from diffseg.h5io import check_split_attr, match_rows, open_h5, read_h5
+from diffseg.h5io import check_split_attr, match_rows, open_h5, read_h5, require
 from diffseg.imageio import InputError
 from diffseg.metrics import auroc, average_precision, dice
 from diffseg import review
@@ -277,12 +278,38 @@ def load_risk_model(path, text: str | bytes | None = None) -> RiskModel:
         raise InputError(path, str(err)) from err
 
 
+def informative_features(features: Sequence[str], n_rounds: int, crf_h5) -> list[str]:
+    """``features`` less CRF disagreement when the CRF ran ``n_rounds`` = 1 round (diffseg.crf.rounds_to_run):
+    one round cannot disagree with itself, so the feature is 0 on every image and would only add a zero column.
+    """
+    if n_rounds > 1 or "crf_disagreement" not in features:
+        return list(features)
+    kept = [f for f in features if f != "crf_disagreement"]
+    if not kept:
+        raise InputError(crf_h5, "risk.features is [crf_disagreement] only, but the CRF ran a single round, so "
+                                 "it is 0 on every image: add features to risk.features")
+    logger.info("risk: the CRF ran one round (%s), so CRF disagreement is 0 on every image: left out of the model",
+                crf_h5)
+    return kept
+
+
+def crf_rounds(crf_h5) -> int:
+    """How many CRF rounds crf.h5 holds per image (the K of its ``rounds`` (N, K, R, R))."""
+    with open_h5(crf_h5) as f:
+        require(f, ("rounds",), crf_h5)
+        return int(f["rounds"].shape[1])
+
+
 def run_fit_risk(dataset_h5, val_inference_h5, val_crf_h5, calibration_h5, out_json, *, fail_dice: float = 0.7,
                  C: float = 1.0, features: Sequence[str] = FEATURES) -> dict:
-    """Features of the val split, the model fitted on them, written to ``out_json``. Returns the fit report."""
+    """Features of the val split, the model fitted on them, written to ``out_json``. Returns the fit report.
+
+    A feature that is constant by construction (:func:`informative_features`) is left out of ``features``.
+    """
     table = split_features(dataset_h5, val_inference_h5, val_crf_h5, calibration_h5, "val")
     if "dice" not in table:
         raise InputError(dataset_h5, "split 'val' has no masks: the risk model needs val Dice")
+    features = informative_features(features, crf_rounds(val_crf_h5), val_crf_h5)
     model, report = fit_risk(table, fail_dice=fail_dice, C=C, features=features)
     save_risk_model(out_json, model, report)
     return report

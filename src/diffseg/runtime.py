@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,6 +48,14 @@ def resolve_autocast(device: torch.device, precision: str = "auto",
     """The autocast dtype of :func:`resolve_dtype`, or None where that is plain fp32 (no autocast)."""
     dtype = resolve_dtype(precision, device, key=key)
     return None if dtype == torch.float32 else dtype
+
+
+def resolved_runtime(device: str | torch.device, precision: str, key: str = "inference.precision") -> dict[str, str]:
+    """What ``device``/``precision`` config values resolve to on this machine: ``{"precision": "fp32" | "bf16" |
+    "fp16", "device_type": "cpu" | "cuda" | "mps"}`` (diffseg.settings.RUNTIME_DEFINING: maps made under
+    another precision or device type differ in rounding, so a calibration fitted on them may not transfer)."""
+    resolved = resolve_device(device) if isinstance(device, str) else device
+    return {"precision": PRECISION_NAMES[resolve_dtype(precision, resolved, key=key)], "device_type": resolved.type}
 
 
 def uses_channels_last(device: torch.device) -> bool:

@@ -1,6 +1,11 @@
 """The one trainer: AdamW + warm-up, EMA, autocast, resumable atomic checkpoints, NaN guard, CSV log.
 
-Over 350 lines: the Trainer and the checkpoint file it writes and resumes from change together.
+Over 350 lines: the Trainer, its parts and the checkpoint file they write and resume from change together.
+The Trainer takes the model, the loss function, the batch sampler, its settings
+(:class:`diffseg.settings.TrainSettings`) and its files (:class:`RunFiles`), and composes the parts,
+each testable alone: the EMA weights and the best of them (:class:`EMA`), evaluation with early
+stopping (:class:`EarlyStopping`), the wall-time budget (:class:`TimeBudget`) and the checkpoint,
+resume and CSV files (:class:`RunFiles`).
 
 Every step's randomness (batch sampling, noise, dropout) is seeded from (seed, step), so a run
 that is interrupted and resumed from its resume file ends with exactly the weights of an
@@ -36,6 +41,7 @@ from diffseg.atomic import atomic_path
 from diffseg.imageio import InputError
 from diffseg.runtime import name_the_setting_on_oom, resolve_device, resolve_dtype, uses_channels_last
 from diffseg.seeding import image_seed
+from diffseg.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +141,9 @@ def progress_bar(desc: str, steps: int, step: int, max_minutes: float | None) ->
                 unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
 
 
-def advance_progress(bar: tqdm, elapsed_s: float, max_minutes: float | None) -> None:
-    """One step done: a step bar moves by one, a budget bar to the seconds used (at most the budget)."""
+def advance_progress(bar: tqdm, elapsed_s: float | None, max_minutes: float | None) -> None:
+    """One step done: a step bar moves by one, a budget bar to the seconds used (at most the budget;
+    ``elapsed_s`` is None only without one, :meth:`TimeBudget.elapsed`)."""
     if max_minutes is None:
         bar.update(1)
     else:
@@ -162,225 +169,292 @@ def shape_signature(state: dict) -> dict:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+# ----------------------------------------------------------------------------- the trainer's parts
+
+
+class EMA:
+    """Exponential moving average of a model's weights, and a snapshot of the best evaluated average.
+
+    The final checkpoint keeps the best snapshot when evaluations ran (early stopping), else the average.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.best: dict | None = None
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """average += (1 - decay) * (weights - average); buffers (e.g. BatchNorm statistics) are copied."""
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay)
+        for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
+            ema_buf.copy_(buf)
+
+    def keep_best(self) -> None:
+        """Snapshot the current average as the best one (a copy: later updates leave it unchanged)."""
+        self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def final_state(self) -> dict:
+        return self.best if self.best is not None else self.model.state_dict()
+
+
+class EarlyStopping:
+    """``evaluate(ema_model) -> metric`` every ``every`` steps; stop after ``patience`` evaluations without
+    improvement (None: never stop early). Higher is better unless ``maximize=False``."""
+
+    def __init__(self, evaluate: Callable[[torch.nn.Module], float], every: int, patience: int | None = None,
+                 maximize: bool = True):
+        if not every or every < 1:
+            raise ValueError(f"evaluation every {every!r} steps: give a number of steps >= 1")
+        self.evaluate, self.every, self.patience, self.maximize = evaluate, every, patience, maximize
+        self.best: float | None = None  # the best metric so far
+        self.evals_since_best = 0
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def observe(self, metric: float) -> bool:
+        """Record one evaluation's metric; True when it is the best so far."""
+        improved = self.best is None or (metric > self.best if self.maximize else metric < self.best)
+        if improved:
+            self.best, self.evals_since_best = metric, 0
+        else:
+            self.evals_since_best += 1
+        return improved
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.evals_since_best >= self.patience
+
+
+class TimeBudget:
+    """A wall-time budget of ``max_minutes`` (None = none) on ``clock`` (seconds; injectable for tests).
+
+    ``start`` reads the clock once; ``elapsed`` (and ``spent``) read it again only when there is a budget.
+The training loop reads it once per step and moves its bar (:func:`progress_bar`) by that reading.
+    """
+
+    def __init__(self, max_minutes: float | None, clock: Callable[[], float] = time.monotonic):
+        if max_minutes is not None and not max_minutes > 0:
+            raise ValueError(f"train: max_minutes must be a positive number of minutes or None, got {max_minutes!r}")
+        self.max_minutes, self.clock = max_minutes, clock
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.started = self.clock()
+
+    def spent(self) -> bool:
+        """True once max_minutes have passed since start()."""
+        return self.over(self.elapsed())
+
+    def elapsed(self) -> float | None:
+        """Seconds since start() (one clock read), or None without a budget (the clock is not read)."""
+        return None if self.max_minutes is None else self.clock() - self.started
+
+    def over(self, elapsed_s: float | None) -> bool:
+        """Whether an :meth:`elapsed` reading (None: no budget) has spent the budget."""
+        return elapsed_s is not None and elapsed_s >= 60.0 * self.max_minutes
+
+
+class RunFiles:
+    """A training run's files: the final checkpoint, the resume file beside it and the CSV log.
+
+    ``kind`` and ``config`` are the checkpoint's; a resume file must be of the same kind, agree on
+    RESUME_MUST_MATCH and have the same parameter shapes. The resume file is written every
+    ``checkpoint_every`` steps and removed once the final checkpoint is in place (unless a time-budget
+    stop keeps it so that a rerun continues).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, metrics_csv: str | os.PathLike, *, kind: str, config: dict,
+                 resume_path: str | os.PathLike | None = None):
+        self.checkpoint, self.metrics_csv = Path(checkpoint), Path(metrics_csv)
+        self.resume_path = Path(resume_path) if resume_path is not None else resume_path_for(checkpoint)
+        if self.resume_path == self.checkpoint:
+            raise ValueError(f"resume_path must differ from the final checkpoint {checkpoint}")
+        self.kind, self.config = kind, plain_config(config)
+        self.last_saved_step: int | None = None
+
+    def load_resume(self, map_location: torch.device, model_state: dict) -> dict | None:
+        """The resume file's checkpoint (None when there is none); refuses one of another model or config."""
+        if not self.resume_path.exists():
+            return None
+        ckpt = load_checkpoint(self.resume_path, map_location=map_location, kind=self.kind)
+        differing = config_mismatch(ckpt["config"], self.config)
+        if differing or shape_signature(ckpt["model"]) != shape_signature(model_state):
+            raise CheckpointError(
+                self.resume_path,
+                f"resume file was written for a different model/config (differs in {differing or 'parameter shapes'}); "
+                "delete it to start afresh or restore the config it was trained with",
+            )
+        self.last_saved_step = ckpt["step"]
+        return ckpt
+
+    def save_resume(self, state: dict) -> None:
+        save_checkpoint(self.resume_path, state)
+        self.last_saved_step = state["step"]
+
+    def save_final(self, state: dict, rows: list[dict], keep_resume: bool = False) -> None:
+        """The final checkpoint and the CSV log; the resume file goes unless ``keep_resume``."""
+        save_checkpoint(self.checkpoint, state)
+        write_metrics_csv(self.metrics_csv, rows)
+        if not keep_resume:
+            self.resume_path.unlink(missing_ok=True)
+
+    def kept_checkpoint_text(self) -> str:
+        """What a failed run leaves to continue from, for its error message."""
+        if self.last_saved_step is None:
+            return f"no resume checkpoint was written yet ({self.resume_path})"
+        return f"the last good checkpoint is kept at {self.resume_path} (step {self.last_saved_step})"
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
     """Generic training loop: sample_batch(step, generator, device) -> batch; loss_fn(model, batch, generator) -> loss.
 
-    The generator handed to both is a CPU generator seeded from (seed, step); code that draws on
-    the GPU derives a device generator from it (diffseg.runtime.device_generator).
-    evaluate(model_ema) -> float (higher is better unless maximize=False) runs every eval_every
-    steps; after `patience` evaluations without improvement training stops early. The best EMA
-    weights are the ones the final checkpoint keeps.
+    The generator handed to both is a CPU generator seeded from (settings.seed, step); code that draws
+    on the GPU derives a device generator from it (diffseg.runtime.device_generator). The parts: the
+    EMA weights (:class:`EMA`), optional evaluation with early stopping (:class:`EarlyStopping`; the
+    final checkpoint keeps the best EMA weights), the time budget (:class:`TimeBudget`,
+    ``settings.max_minutes``) and the files (:class:`RunFiles`). ``batch_setting`` is the config key an
+    out-of-memory error names.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss_fn: Callable,
-        sample_batch: Callable,
-        *,
-        checkpoint: str | os.PathLike,
-        resume_path: str | os.PathLike,
-        metrics_csv: str | os.PathLike,
-        config: dict,
-        steps: int,
-        lr: float = 2e-4,
-        warmup_steps: int = 500,
-        weight_decay: float = 0.0,
-        ema_decay: float = 0.999,
-        grad_clip: float = 1.0,
-        checkpoint_every: int = 500,
-        log_every: int = 50,
-        seed: int = 0,
-        precision: str = "auto",
-        compile: bool = False,
-        channels_last: bool = True,
-        device: str = "auto",
-        evaluate: Callable[[torch.nn.Module], float] | None = None,
-        eval_every: int | None = None,
-        patience: int | None = None,
-        maximize: bool = True,
-        kind: str = "ddpm",
-        batch_setting: str = "train.batch_size",
-        max_minutes: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        if steps < 1 or checkpoint_every < 1 or log_every < 1:
-            raise ValueError(f"train: steps, checkpoint_every and log_every must be >= 1, "
-                             f"got {steps}, {checkpoint_every}, {log_every}")
-        if max_minutes is not None and not max_minutes > 0:
-            raise ValueError(f"train: max_minutes must be a positive number of minutes or None, got {max_minutes!r}")
-        if evaluate is not None and not eval_every:
-            raise ValueError("evaluate given without eval_every")
-        if Path(resume_path) == Path(checkpoint):
-            raise ValueError(f"resume_path must differ from the final checkpoint {checkpoint}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(precision, self.device)
-        self.checkpoint, self.resume_path, self.metrics_csv = Path(checkpoint), Path(resume_path), Path(metrics_csv)
-        self.config = plain_config(config)
-        self.loss_fn, self.sample_batch = loss_fn, sample_batch
-        self.steps, self.lr, self.warmup_steps = steps, lr, warmup_steps
-        self.ema_decay, self.grad_clip = ema_decay, grad_clip
-        self.checkpoint_every, self.log_every, self.seed = checkpoint_every, log_every, seed
-        self.evaluate, self.eval_every, self.patience, self.maximize = evaluate, eval_every, patience, maximize
-        self.kind, self.batch_setting = kind, batch_setting  # batch_setting: the config key an OOM error names
-        self.max_minutes, self.clock = max_minutes, clock  # clock: seconds, injectable for tests
-        use_cl = channels_last and uses_channels_last(self.device)
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, sample_batch: Callable, settings: TrainSettings,
+                 files: RunFiles, *, stopping: EarlyStopping | None = None, batch_setting: str = "train.batch_size",
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings, self.files, self.stopping = settings, files, stopping
+        self.budget = TimeBudget(settings.max_minutes, clock)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.precision, self.device)
+        self.loss_fn, self.sample_batch, self.batch_setting = loss_fn, sample_batch, batch_setting
+        use_cl = settings.channels_last and uses_channels_last(self.device)
         self.memory_format = torch.channels_last if use_cl else torch.contiguous_format
 
         self.model = model.to(self.device, memory_format=self.memory_format)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.train_model = torch.compile(self.model) if compile else self.model
+        self.ema = EMA(self.model, settings.ema_decay)
+        self.train_model = torch.compile(self.model) if settings.compile else self.model
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, weight_decay=weight_decay, fused=self.device.type == "cuda"
+            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+            fused=self.device.type == "cuda",
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
         self.rows: list[dict] = []
-        self.best_metric: float | None = None
-        self.best_ema: dict | None = None
-        self.evals_since_best = 0
-        self.last_saved_step: int | None = None
         self.stopped_by: str | None = None  # None (all steps), "early_stopping" or "max_minutes"
         logger.info("training on %s (%s), autocast %s, torch %s, compile=%s, channels_last=%s",
                     self.device, self._device_name(), str(self.dtype).replace("torch.", ""), torch.__version__,
-                    compile, self.memory_format == torch.channels_last)
+                    settings.compile, self.memory_format == torch.channels_last)
 
     def _device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
+    @property
+    def best_metric(self) -> float | None:
+        return self.stopping.best if self.stopping is not None else None
+
     # -- checkpoint state ---------------------------------------------------------------------
 
     def state(self, final: bool = False) -> dict:
-        ema_state = self.best_ema if final and self.best_ema is not None else self.ema.state_dict()
+        evals_since_best = self.stopping.evals_since_best if self.stopping is not None else 0
         return {
             "model": self.model.state_dict(),
-            "ema": ema_state,
+            "ema": self.ema.final_state() if final else self.ema.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
-            "config": self.config,
+            "config": self.files.config,
             "version": __version__,
-            "kind": self.kind,
+            "kind": self.files.kind,
             "best_metric": self.best_metric,
-            "steps_planned": self.steps,
+            "steps_planned": self.settings.steps,
             "stopped_by": self.stopped_by,
-            "trainer_state": {"rows": self.rows, "best_ema": self.best_ema, "evals_since_best": self.evals_since_best},
+            "trainer_state": {"rows": self.rows, "best_ema": self.ema.best, "evals_since_best": evals_since_best},
         }
 
     def resume(self) -> None:
         """Continue from the resume file if one exists; refuse if it belongs to a different model."""
-        if not self.resume_path.exists():
+        ckpt = self.files.load_resume(self.device, self.model.state_dict())
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(self.resume_path, map_location=self.device, kind=self.kind)
-        differing = config_mismatch(ckpt["config"], self.config)
-        if differing or shape_signature(ckpt["model"]) != shape_signature(self.model.state_dict()):
-            raise CheckpointError(
-                self.resume_path,
-                f"resume file was written for a different model/config (differs in {differing or 'parameter shapes'}); "
-                "delete it to start afresh or restore the config it was trained with",
-            )
         self.model.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
+        self.ema.model.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         state = ckpt.get("trainer_state", {})
         self.rows = list(state.get("rows", []))
-        self.best_ema = state.get("best_ema")
-        self.evals_since_best = state.get("evals_since_best", 0)
-        self.step = self.last_saved_step = ckpt["step"]
-        self.best_metric = ckpt["best_metric"]
-        logger.info("resuming from %s at step %d of %d", self.resume_path, self.step, self.steps)
+        self.ema.best = state.get("best_ema")
+        if self.stopping is not None:
+            self.stopping.best, self.stopping.evals_since_best = ckpt["best_metric"], state.get("evals_since_best", 0)
+        self.step = ckpt["step"]
+        logger.info("resuming from %s at step %d of %d", self.files.resume_path, self.step, self.settings.steps)
 
     def save_resume(self) -> None:
         self.check_weights_finite()
-        save_checkpoint(self.resume_path, self.state())
-        self.last_saved_step = self.step
+        self.files.save_resume(self.state())
 
     # -- one step -----------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else self.lr
+        lr, warmup = self.settings.lr, self.settings.warmup_steps
+        return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
     def train_step(self, step: int) -> tuple[torch.Tensor, int]:
-        seed = step_seed(self.seed, step)
+        seed = step_seed(self.settings.seed, step)
         torch.manual_seed(seed)  # dropout and any global-RNG use inside the model
         generator = torch.Generator().manual_seed(seed)  # CPU: augmentation draws there; see runtime.device_generator
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         batch = self.sample_batch(step, generator, self.device)
         with name_the_setting_on_oom(self.batch_setting, batch_size_of(batch), f"at training step {step + 1}",
-                                     then=self.kept_checkpoint_text()):
+                                     then=self.files.kept_checkpoint_text()):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss = self.loss_fn(self.train_model, batch, generator).float()
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-        if self.grad_clip and self.grad_clip > 0:
+        if self.settings.grad_clip and self.settings.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.update_ema()
+        self.ema.update(self.model)
         return loss.detach(), batch_size_of(batch)
 
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        ema_params = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_params, list(self.model.parameters()), 1.0 - self.ema_decay)
-        for ema_buf, buf in zip(self.ema.buffers(), self.model.buffers()):
-            ema_buf.copy_(buf)
-
     # -- guards, logging, evaluation ----------------------------------------------------------
-
-    def kept_checkpoint_text(self) -> str:
-        if self.last_saved_step is None:
-            return f"no resume checkpoint was written yet ({self.resume_path})"
-        return f"the last good checkpoint is kept at {self.resume_path} (step {self.last_saved_step})"
 
     def check_losses(self, losses: list[torch.Tensor], first_step: int) -> list[float]:
         values = torch.stack(losses).cpu().tolist()  # one device sync per logging window
         for i, value in enumerate(values):
             if not math.isfinite(value):
-                raise RuntimeError(
-                    f"training stopped: loss is {value} at step {first_step + i + 1}; {self.kept_checkpoint_text()}"
-                )
+                raise RuntimeError(f"training stopped: loss is {value} at step {first_step + i + 1}; "
+                                   f"{self.files.kept_checkpoint_text()}")
         return values
 
     @torch.no_grad()
     def check_weights_finite(self) -> None:
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
         if not bool(finite):
-            raise RuntimeError(
-                f"training stopped: non-finite weights at step {self.step}; {self.kept_checkpoint_text()}"
-            )
+            raise RuntimeError(f"training stopped: non-finite weights at step {self.step}; "
+                               f"{self.files.kept_checkpoint_text()}")
 
     def run_evaluation(self) -> bool:
-        """Evaluate the EMA model; return True when patience is exhausted."""
-        torch.manual_seed(step_seed(self.seed, -self.step))
+        """Evaluate the EMA model, keep its weights when best; return True when patience is exhausted."""
+        torch.manual_seed(step_seed(self.settings.seed, -self.step))
         with torch.no_grad():
-            metric = float(self.evaluate(self.ema))
-        best = self.best_metric
-        improved = best is None or (metric > best if self.maximize else metric < best)
-        if improved:
-            self.best_metric, self.evals_since_best = metric, 0
-            self.best_ema = {k: v.detach().clone() for k, v in self.ema.state_dict().items()}
-        else:
-            self.evals_since_best += 1
-        logger.info("step %d: evaluation %.6g (best %.6g)", self.step, metric, self.best_metric)
-        return self.patience is not None and self.evals_since_best >= self.patience
+            metric = float(self.stopping.evaluate(self.ema.model))
+        if self.stopping.observe(metric):
+            self.ema.keep_best()
+        logger.info("step %d: evaluation %.6g (best %.6g)", self.step, metric, self.stopping.best)
+        return self.stopping.exhausted
 
     def is_boundary(self, step: int) -> bool:
-        return (step % self.log_every == 0 or step % self.checkpoint_every == 0 or step == self.steps
-                or (self.eval_every is not None and step % self.eval_every == 0))
+        s = self.settings
+        return (step % s.log_every == 0 or step % s.checkpoint_every == 0 or step == s.steps
+                or (self.stopping is not None and self.stopping.due(step)))
 
     # -- the loop -----------------------------------------------------------------------------
-
-    def out_of_time(self, elapsed_s: float) -> bool:
-        """True once `max_minutes` of wall time (self.clock, seconds) have passed."""
-        return self.max_minutes is not None and elapsed_s >= 60.0 * self.max_minutes
 
     def fit(self) -> dict:
         """Train to `steps` (or early stop, or the time budget), write the final checkpoint and CSV.
@@ -388,23 +462,25 @@ class Trainer:
         The resume file is removed at the end, except after a time-budget stop: then it holds the
         step reached, so a rerun continues.
         """
+        steps = self.settings.steps
         self.resume()
         resumed_from = self.step if self.step else None
-        if self.step >= self.steps:
-            logger.warning("resume file %s is already at step %d >= steps %d", self.resume_path, self.step, self.steps)
+        if self.step >= steps:
+            logger.warning("resume file %s is already at step %d >= steps %d", self.files.resume_path, self.step, steps)
         self.model.train()
         losses: list[torch.Tensor] = []
         window_images, window_start, window_first = 0, time.perf_counter(), self.step
-        total_images, t0, budget_start = 0, time.perf_counter(), self.clock()
-        bar = progress_bar(f"train {self.kind}", self.steps, self.step, self.max_minutes)
-        while self.step < self.steps and self.stopped_by is None:
+        total_images, t0 = 0, time.perf_counter()
+        self.budget.start()
+        bar = progress_bar(f"train {self.files.kind}", steps, self.step, self.budget.max_minutes)
+        while self.step < steps and self.stopped_by is None:
             loss, n_images = self.train_step(self.step)
             losses.append(loss)
             window_images += n_images
             self.step += 1
-            elapsed_s = self.clock() - budget_start
-            advance_progress(bar, elapsed_s, self.max_minutes)
-            out_of_time = self.out_of_time(elapsed_s)
+            elapsed_s = self.budget.elapsed()  # one clock read per step serves the bar and the stop
+            advance_progress(bar, elapsed_s, self.budget.max_minutes)
+            out_of_time = self.budget.over(elapsed_s)
             if not (out_of_time or self.is_boundary(self.step)):
                 continue
             values = self.check_losses(losses, window_first)
@@ -415,35 +491,35 @@ class Trainer:
             total_images += window_images
             bar.set_postfix(step=self.step, loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                             refresh=False)
-            if self.evaluate is not None and self.step % self.eval_every == 0 and self.run_evaluation():
+            if self.stopping is not None and self.stopping.due(self.step) and self.run_evaluation():
                 self.stopped_by = "early_stopping"
-            if out_of_time and self.stopped_by is None and self.step < self.steps:
+            if out_of_time and self.stopped_by is None and self.step < steps:
                 self.stopped_by = "max_minutes"
-            if self.step < self.steps and (self.stopped_by == "max_minutes" or
-                                           (self.stopped_by is None and self.step % self.checkpoint_every == 0)):
+            if self.step < steps and (self.stopped_by == "max_minutes" or
+                                      (self.stopped_by is None and self.step % self.settings.checkpoint_every == 0)):
                 self.save_resume()
             losses, window_images, window_start, window_first = [], 0, time.perf_counter(), self.step
         bar.close()
+        self.log_stop()
+        return self.finish(resumed_from, total_images / max(time.perf_counter() - t0, 1e-9))
+
+    def log_stop(self) -> None:
         if self.stopped_by == "early_stopping":
-            logger.info("early stop at step %d: no improvement in %d evaluations", self.step, self.patience)
+            logger.info("early stop at step %d: no improvement in %d evaluations", self.step, self.stopping.patience)
         if self.stopped_by == "max_minutes":
             logger.info("time budget of %g min reached: training stopped at step %d of %d; the final checkpoint "
                         "holds the EMA weights of step %d, and %s is kept so a rerun with a larger budget continues",
-                        self.max_minutes, self.step, self.steps, self.step, self.resume_path)
-        return self.finish(resumed_from, total_images / max(time.perf_counter() - t0, 1e-9))
+                        self.budget.max_minutes, self.step, self.settings.steps, self.step, self.files.resume_path)
 
     def finish(self, resumed_from: int | None, images_per_s: float) -> dict:
         self.check_weights_finite()
-        save_checkpoint(self.checkpoint, self.state(final=True))
-        write_metrics_csv(self.metrics_csv, self.rows)
-        if self.stopped_by != "max_minutes":
-            self.resume_path.unlink(missing_ok=True)
+        self.files.save_final(self.state(final=True), self.rows, keep_resume=self.stopped_by == "max_minutes")
         summary = {
-            "kind": self.kind, "steps": self.step, "steps_planned": self.steps,
+            "kind": self.files.kind, "steps": self.step, "steps_planned": self.settings.steps,
             "final_loss": self.rows[-1]["loss"] if self.rows else None, "best_metric": self.best_metric,
             "stopped_early": self.stopped_by == "early_stopping", "stopped_by": self.stopped_by,
             "resumed_from": resumed_from, "images_per_s": images_per_s, "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""), "checkpoint": str(self.checkpoint),
+            "dtype": str(self.dtype).replace("torch.", ""), "checkpoint": str(self.files.checkpoint),
         }
         logger.info("training done: %s", summary)
         return summary

@@ -14,7 +14,7 @@ from workflow_helpers import REPO
 SHARDS = 6  # 4 test images: 2 shards are empty
 # Fails on every attempt of the first run: the run stops; the rerun must redo this shard only.
 FAILING = "results/inference/test/shard-1-of-6.h5"
-FAILING_LOG = "results/logs/noise_difference/test_shard-1.log"  # Snakemake writes an empty one for a failed job
+FAILING_LOG = "results/logs/infer/test_shard-1.log"  # Snakemake writes an empty one for a failed job
 # Fails once: resubmitted within the run, as the SLURM profile's `retries` says.
 FLAKY = "results/crf/test/shard-3-of-6.h5"
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from diffseg.data import load_split, prepare_dataset
+from diffseg.settings import PrepareSettings
 from diffseg.imageio import InputError
 
 RES = 32
@@ -42,9 +43,11 @@ def data(tmp_path):
 
 
 def run(tmp_path, data_dir, **kw):
+    """prepare_dataset into tmp_path/out; kw are PrepareSettings fields."""
     out = tmp_path / "out"
     kw = {"resolution": RES, "split_fractions": {"train": 1.0, "val": 0.0, "test": 0.0}, **kw}
-    return out, prepare_dataset(data_dir, out / "dataset.h5", out / "split.csv", out / "preview.png", **kw)
+    return out, prepare_dataset(data_dir, out / "dataset.h5", out / "split.csv", out / "preview.png",
+                                PrepareSettings(**kw))
 
 
 def assert_fails_cleanly(tmp_path, data_dir, file: Path, problem: str, **kw):

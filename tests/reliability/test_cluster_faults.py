@@ -14,7 +14,7 @@ import pytest
 from reliability.cluster_helpers import FAILING, FAILING_LOG, FLAKY, snapshot
 from workflow_helpers import REPO, snakemake, workflow_copy
 
-SHARDED_RULES = ("noise_difference", "uncertainty", "crf_fusion")
+SHARDED_RULES = ("infer", "uncertainty", "crf_fusion")
 
 
 def job_ids(stderr: str) -> dict[str, str]:
@@ -51,7 +51,7 @@ def test_a_job_failing_every_attempt_stops_the_run_and_the_rerun_redoes_only_its
     failing = job_ids(first.stderr)[FAILING]
     assert first.returncode != 0
     assert first.stderr.count(f"Trying to restart job {failing}.") == cluster_run.retries
-    assert re.search(rf"Error in rule noise_difference:\n(?:\s+.*\n)*?\s+jobid: {failing}\n", first.stderr)
+    assert re.search(rf"Error in rule infer:\n(?:\s+.*\n)*?\s+jobid: {failing}\n", first.stderr)
     # keep-going: every job that does not need the failed shard finished in the first run
     assert FAILING not in cluster_run.before
     for shard in (0, 2, 3, 4, 5):

@@ -26,7 +26,7 @@ from diffseg.ddpm import PairSampler
 from diffseg.shards import gather_h5
 from diffseg.train import load_checkpoint
 from diffseg.unet import ConditionalUNet, SegUNet
-from test_baselines import TINY as TINY_BASELINE
+from test_baselines import tiny as tiny_baseline
 from test_baselines import write_dataset as write_baseline_dataset
 from test_inference import StandIn, dataset, fake_ddpm, read_all, run  # noqa: F401 (fixtures)
 from test_train import make_trainer, synthetic_pairs
@@ -246,5 +246,6 @@ def test_out_of_memory_in_baseline_training_names_baselines_batch_size(tmp_path,
     out_of_memory_above(monkeypatch, SegUNet, max_batch=4)
     with pytest.raises(torch.OutOfMemoryError, match=r"at training step 1 with baselines\.batch_size = 8: lower "
                                                      r"baselines\.batch_size.*no resume checkpoint was written yet"):
-        train_baseline("unet", dataset_h5, tmp_path / "unet.pt", tmp_path / "unet.csv", steps=4, **TINY_BASELINE)
+        train_baseline("unet", dataset_h5, tmp_path / "unet.pt", tmp_path / "unet.csv", tiny_baseline(steps=4),
+                       augment={})
     assert not (tmp_path / "unet.pt").exists()

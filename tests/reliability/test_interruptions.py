@@ -59,12 +59,13 @@ def test_killed_training_resumes_from_its_last_checkpoint(killed_and_resumed_tra
 SLOW_INFERENCE = """
 import sys, time
 import diffseg.inference as inference
+from diffseg.settings import InferenceSettings
 original = inference.noise_difference
 def slow(*args, **kwargs):
     time.sleep(0.3)
     return original(*args, **kwargs)
 inference.noise_difference = slow
-settings = inference.InferenceSettings(timesteps=[60, 100, 150], batch_images=1, device="cpu")
+settings = InferenceSettings(timesteps=[60, 100, 150], batch_images=1, device="cpu")
 inference.run_inference(sys.argv[1], sys.argv[2], sys.argv[3], settings, split="train")
 """
 
@@ -83,7 +84,8 @@ def test_inference_killed_mid_write_leaves_no_file_that_looks_complete(killed_an
     proc.wait()
     assert not out.exists(), "a killed inference left a file under its final name"
 
-    from diffseg.inference import InferenceSettings, run_inference
+    from diffseg.inference import run_inference
+    from diffseg.settings import InferenceSettings
 
     run_inference(dataset, checkpoint, out, InferenceSettings(timesteps=[60, 100, 150], batch_images=1, device="cpu"),
                   split="train")
@@ -92,7 +94,8 @@ def test_inference_killed_mid_write_leaves_no_file_that_looks_complete(killed_an
 
 def test_damaged_checkpoint_and_dataset_are_named(killed_and_resumed_training, tmp_path):
     from diffseg.imageio import InputError
-    from diffseg.inference import InferenceSettings, run_inference
+    from diffseg.inference import run_inference
+    from diffseg.settings import InferenceSettings
 
     cpu = InferenceSettings(device="cpu")
     wf, _, _ = killed_and_resumed_training

@@ -1,5 +1,6 @@
-from diffseg.crf import CRFSettings, run_crf
+from diffseg.crf import run_crf
 from diffseg.logs import log_to
+from diffseg.settings import CRFSettings
 
 with log_to(snakemake.log[0]):
     run_crf(

@@ -1,20 +1,24 @@
-from diffseg.figures import run_figures
+from diffseg.figures import FigureInputs, FigureOutputs, run_figures
 from diffseg.logs import log_to
 
 with log_to(snakemake.log[0]):
     run_figures(
-        snakemake.input.h5,
-        snakemake.input.checkpoint,
-        snakemake.input.inference,
-        snakemake.input.uncertainty,
-        snakemake.input.crf,
-        snakemake.input.per_image,
-        snakemake.output.summary,
-        snakemake.output.cases,
-        snakemake.output.method,
+        FigureInputs(
+            dataset_h5=snakemake.input.h5,
+            checkpoint=snakemake.input.checkpoint,
+            inference_h5=snakemake.input.inference,
+            uncertainty_h5=snakemake.input.uncertainty,
+            crf_h5=snakemake.input.crf,
+            per_image_csv=snakemake.input.per_image,
+            calibration_h5=snakemake.input.calibration,
+        ),
+        FigureOutputs(
+            summary_png=snakemake.output.summary,
+            cases_dir=snakemake.output.cases,
+            method_dir=snakemake.output.method,
+        ),
         split=snakemake.params.split,
         inference=snakemake.params.inference,
-        calibration_h5=snakemake.input.calibration,
         note=snakemake.params.note,
         **snakemake.params.cfg,
     )

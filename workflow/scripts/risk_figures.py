@@ -1,4 +1,4 @@
-from diffseg.figures import run_risk_figures
+from diffseg.figures_risk import run_risk_figures
 from diffseg.logs import log_to
 
 with log_to(snakemake.log[0]):

@@ -1,5 +1,6 @@
 from diffseg.baselines import train_baseline
 from diffseg.logs import log_to
+from diffseg.settings import BaselineSettings
 
 with log_to(snakemake.log[0]):
     train_baseline(
@@ -7,6 +8,6 @@ with log_to(snakemake.log[0]):
         snakemake.input.h5,
         snakemake.output.checkpoint,
         snakemake.output.log_csv,
+        BaselineSettings.from_config(snakemake.params.cfg),
         augment=snakemake.params.augment,
-        **snakemake.params.cfg,
     )

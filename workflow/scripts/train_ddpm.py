@@ -1,5 +1,6 @@
 from diffseg.ddpm import train_ddpm
 from diffseg.logs import log_to
+from diffseg.settings import TrainSettings
 
 with log_to(snakemake.log[0]):
     train_ddpm(
@@ -10,5 +11,5 @@ with log_to(snakemake.log[0]):
         model=snakemake.params.model,
         diffusion=snakemake.params.diffusion,
         augment=snakemake.params.augment,
-        train=snakemake.params.train,
+        train=TrainSettings.from_config(snakemake.params.train),
     )
