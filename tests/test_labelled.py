@@ -191,3 +191,25 @@ def test_tiny_run_with_six_labelled_images_reads_six_masks_and_trains_the_ddpm_o
     log = (results / "logs/train_ddpm.log").read_text()
     twins = re.search(r"8 train images under the lesion label, (\d+) twins \(of labelled ranks < 3\)", log)
     assert twins is not None and 1 <= int(twins.group(1)) <= 3, log[-2000:]
+
+
+def test_calibration_fits_on_the_labelled_val_rows_only(tmp_path):
+    from diffseg.calibration import run_calibrate
+    from test_calibration import val_set, write_files
+
+    maps, truth = val_set(n=6)
+    write_files(tmp_path, maps, truth)
+    with h5py.File(tmp_path / "dataset.h5", "r+") as f:  # rows 1 and 4 unlabelled: their masks were never read
+        val = f["val"]
+        has_mask = np.array([True, False, True, True, False, True])
+        masks = val["masks"][()]
+        masks[~has_mask] = 0
+        val["masks"][...] = masks
+        val.create_dataset("has_mask", data=has_mask)
+    kwargs = dict(method="paper", blur_sigma=0.0, closing_px=0)
+    report = run_calibrate(tmp_path / "dataset.h5", tmp_path / "inf.h5", tmp_path / "cal.h5", **kwargs)
+    assert report["val_dice_vote"] == pytest.approx(1.0)
+    with h5py.File(tmp_path / "dataset.h5", "r+") as f:
+        del f["val/has_mask"]  # the same zero masks read as truth: the fit scores them and falls below 1
+    report = run_calibrate(tmp_path / "dataset.h5", tmp_path / "inf.h5", tmp_path / "cal2.h5", **kwargs)
+    assert report["val_dice_vote"] < 0.9
