@@ -41,7 +41,7 @@ def test_labelled_sets_are_nested_and_split_by_the_val_rule():
         assert len(chosen) == n and not any(split_of[i] == "test" for i in chosen)
         assert sum(split_of[i] == "val" for i in chosen) == max(2, n // 5)
     assert set(choose_labelled(split_of, 25, seed=6)) != set(sets[25])  # labelled_seed picks the images
-    with pytest.raises(ValueError, match=r"prepare.labelled = 160 needs 128 train and 32 val .* the val split holds 30"):
+    with pytest.raises(ValueError, match=r"labelled = 160 needs 128 train and 32 val .* the val split holds 30"):
         choose_labelled(split_of, 160, seed=5)
 
 
