@@ -213,3 +213,25 @@ def test_calibration_fits_on_the_labelled_val_rows_only(tmp_path):
         del f["val/has_mask"]  # the same zero masks read as truth: the fit scores them and falls below 1
     report = run_calibrate(tmp_path / "dataset.h5", tmp_path / "inf.h5", tmp_path / "cal2.h5", **kwargs)
     assert report["val_dice_vote"] < 0.9
+
+
+def test_best_timestep_is_chosen_on_the_labelled_val_rows_only(tmp_path):
+    from diffseg.evaluate import choose_timestep_on_val
+    from diffseg.h5io import write_ids
+
+    ids = [f"ISIC_{i:07d}" for i in range(4)]
+    disc = np.zeros((8, 8), bool)
+    disc[2:6, 2:6] = True
+    has_mask = np.array([True, False, False, False])
+    with h5py.File(tmp_path / "dataset.h5", "w") as f:
+        val = f.create_group("val")
+        write_ids(val, ids)
+        val["masks"] = np.stack([disc if has else np.zeros_like(disc) for has in has_mask]).astype(np.uint8)
+        val["has_mask"] = has_mask
+    with h5py.File(tmp_path / "val.h5", "w") as f:  # t=60 finds the lesion everywhere, t=70 finds nothing
+        write_ids(f, ids)
+        f["timesteps"] = np.array([60, 70], np.int32)
+        f["binary"] = np.stack([np.stack([disc, np.zeros_like(disc)])] * 4).astype(np.uint8)
+        f.attrs["split"] = "val"
+    best, _, dice = choose_timestep_on_val(tmp_path / "dataset.h5", tmp_path / "val.h5")
+    assert best == 60 and dice.tolist() == [1.0, 0.0]  # the unlabelled rows' zero masks would favour t=70
