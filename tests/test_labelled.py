@@ -235,3 +235,24 @@ def test_best_timestep_is_chosen_on_the_labelled_val_rows_only(tmp_path):
         f.attrs["split"] = "val"
     best, _, dice = choose_timestep_on_val(tmp_path / "dataset.h5", tmp_path / "val.h5")
     assert best == 60 and dice.tolist() == [1.0, 0.0]  # the unlabelled rows' zero masks would favour t=70
+
+
+def test_features_head_learns_from_and_early_stops_on_the_labelled_rows_only(tmp_path, monkeypatch):
+    import diffseg.features as features
+    from test_features import INPUTS, head_settings, write_dataset, write_ddpm
+
+    dataset_h5, ddpm = write_dataset(tmp_path / "dataset.h5"), write_ddpm(tmp_path / "ddpm.pt")
+    labelled = {"train": np.array([1, 0, 1, 0, 0, 1, 0, 0], bool), "val": np.array([1, 1, 0, 0], bool)}
+    with h5py.File(dataset_h5, "r+") as f:
+        for split, has_mask in labelled.items():
+            f[split]["has_mask"] = has_mask
+    captured = {}
+    real_fit = features.fit_head
+    monkeypatch.setattr(features, "fit_head", lambda *a, **k: captured.update(args=a) or real_fit(*a, **k))
+    features.train_feature_head(dataset_h5, ddpm, tmp_path / "head.pt", tmp_path / "log.csv", head_settings(blocks=[1]),
+                                INPUTS)
+    train_inputs, train_targets, val_inputs, val_masks = captured["args"][:4]
+    every = {split: load_split(dataset_h5, split)["masks"] for split in labelled}
+    assert len(train_inputs) == 3 and len(val_inputs) == 2
+    np.testing.assert_array_equal(train_targets, every["train"][labelled["train"]])
+    np.testing.assert_array_equal(val_masks, every["val"][labelled["val"]])

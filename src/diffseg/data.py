@@ -565,9 +565,9 @@ def load_split(h5_path: str | os.PathLike, split: str, require_masks: bool = Tru
         if "healthy" in group:
             out["healthy"] = group["healthy"][()]
             out["has_healthy"] = group["has_healthy"][()].astype(bool)
-        if "has_mask" in group:
-            out["has_mask"] = group["has_mask"][()].astype(bool)
-            out["label_rank"] = group["label_rank"][()]
+        for key in ("has_mask", "label_rank"):  # a labelled subset (prepare.labelled)
+            if key in group:
+                out[key] = group[key][()]
         rows = labelled_rows(group) if labelled_only else None
     if rows is None or len(rows) == len(out["ids"]):
         return out
