@@ -38,6 +38,11 @@ def check_config(cfg):
     fractions = cfg["prepare"]["split_fractions"]
     if abs(sum(fractions.values()) - 1.0) > 1e-6:
         _fail("prepare.split_fractions", fractions, "fractions that sum to 1")
+    labelled, twins_from = cfg["prepare"]["labelled"], cfg["train"]["twins_from"]
+    if twins_from is not None and (labelled is None or twins_from > labelled):
+        _fail("train.twins_from", twins_from, "null, or at most prepare.labelled = "
+              f"{labelled} (the healthy class sees the twins of the first K labelled images; "
+              "it needs prepare.labelled set)")
     if cfg["diffusion"]["beta_start"] > cfg["diffusion"]["beta_end"]:
         _fail("diffusion.beta_start", cfg["diffusion"]["beta_start"],
               f"a value <= diffusion.beta_end = {cfg['diffusion']['beta_end']}")

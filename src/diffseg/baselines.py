@@ -153,7 +153,7 @@ def train_baseline(
     s = settings if settings is not None else BaselineSettings()
     if check_name(name) == "otsu":
         raise ValueError("baselines: 'otsu' is training-free; train_baseline accepts only unet and attention_unet")
-    train, val = load_split(dataset_h5, "train"), load_split(dataset_h5, "val")
+    train, val = (load_split(dataset_h5, split, labelled_only=True) for split in ("train", "val"))
     image_size = int(train["images"].shape[1])
     check_size(image_size, s.depth, dataset_h5)
     model_cfg = {"name": name, "base_channels": s.base_channels, "depth": s.depth, "attention": UNET_ATTENTION[name]}
@@ -205,7 +205,7 @@ def load_baseline(checkpoint: str | os.PathLike, name: str, device: str = "cpu")
 def otsu_predict(dataset_h5: str | os.PathLike, split: str) -> tuple[np.ndarray, dict]:
     """Otsu masks for `split`, channel chosen on val (on train when val itself is predicted)."""
     choice_split = "train" if split == "val" else "val"
-    ref = load_split(dataset_h5, choice_split)
+    ref = load_split(dataset_h5, choice_split, labelled_only=True)
     scores = otsu_channel_scores(ref["images"], ref["masks"])
     channel = max(OTSU_CHANNELS, key=lambda c: scores[c])
     logger.info("Otsu channel %r chosen on %s (mean Dice %s)", channel, choice_split,

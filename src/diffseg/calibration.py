@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from diffseg.atomic import atomic_path
-from diffseg.h5io import check_split_attr, match_rows, read_h5
+from diffseg.h5io import check_split_attr, match_rows, read_h5, read_labelled
 from diffseg.imageio import InputError
 from diffseg.metrics import dice
 from diffseg.postprocess import Calibration, calibrated_outputs, corrected_maps, vote
@@ -201,7 +201,7 @@ def run_calibrate(dataset_h5: str | os.PathLike, val_inference_h5: str | os.Path
                   bias: bool = False, blur_sigma: float = 1.0, closing_px: int = 1, fill_holes: bool = True,
                   largest_component: bool = True, sigmoid_scale: float | None = None) -> dict:
     """Fit the calibration on the val split's inference file and the val masks; write calibration.h5."""
-    truth = read_h5(dataset_h5, ["masks"], group="val")
+    truth = read_labelled(dataset_h5, "val")  # only the val images whose masks were read
     inf = read_h5(val_inference_h5, ["maps", "timesteps"])
     check_split_attr(val_inference_h5, inf["attrs"], "val")
     maps = inf["maps"][match_rows(truth["ids"], inf["ids"], val_inference_h5)].astype(np.float32)

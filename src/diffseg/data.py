@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import diffseg
 from diffseg.atomic import atomic_path
-from diffseg.h5io import decode_ids, write_ids
+from diffseg.h5io import decode_ids, labelled_rows, open_h5, write_ids
 from diffseg.imageio import IMAGE_SUFFIXES, InputError, read_mask, read_rgb
 from diffseg.inpaint import METHODS, dilate_mask, remove_lesion
 from diffseg.seeding import content_key, image_seed
@@ -257,13 +257,18 @@ def prepare_dataset(
     _check_options(s.resolution, s.dilate_px, s.inpaint, s.on_bad_file, threads, s.limit)
     discovered = {split: pairs[:s.limit] for split, pairs in discover_pairs(data_dir).items()}
     split_of = _assign_splits(discovered, s.split_fractions, s.split_seed)
+    ranks = None if s.labelled is None else choose_labelled(split_of, s.labelled, s.labelled_seed)
     pairs = [pair for split in SPLITS for pair in discovered.get(split, [])]
     logger.info("found %d image/mask pairs in %s", len(pairs), data_dir)
+    if ranks is not None:  # the masks of unlabelled train/val images are never opened
+        pairs = [(i, image, mask if split_of[i] == "test" or i in ranks else None) for i, image, mask in pairs]
+        logger.info("prepare.labelled = %d: %d train and %d val masks are read (labelled_seed %d)", s.labelled,
+                    *labelled_counts(s.labelled), s.labelled_seed)
 
     loaded, skipped = _load_all(pairs, s.resolution, s.on_bad_file, threads)
     if not loaded:
         raise InputError(data_dir, f"no valid image/mask pair left ({len(skipped)} skipped)")
-    groups = _group_by_split(loaded, split_of)
+    groups = _group_by_split(loaded, split_of, ranks)
     _add_healthy_twins(groups.get("train"), s.dilate_px, s.inpaint, s.split_seed, threads)
 
     attrs = {
@@ -275,13 +280,17 @@ def prepare_dataset(
         "split_fractions": json.dumps(dict(s.split_fractions)),
         "diffseg_version": diffseg.__version__,
         "skipped": json.dumps(skipped),
+        # only with a labelled subset, so that a dataset of every mask keeps today's attributes
+        **({} if ranks is None else {"labelled": s.labelled, "labelled_seed": s.labelled_seed}),
     }
     _write_h5(out_h5, groups, attrs)
     _write_split_csv(split_csv, {split: g["ids"] for split, g in groups.items()})
     if preview_png is not None:
-        write_preview(preview_png, groups.get("train", next(iter(groups.values()))), s.preview_n)
+        write_preview(preview_png, labelled_group(groups.get("train", next(iter(groups.values())))), s.preview_n)
     summary = {
         "counts": {split: len(g["ids"]) for split, g in groups.items()},
+        "masks_read": {split: int(g["has_mask"].sum()) if "has_mask" in g else len(g["ids"])
+                       for split, g in groups.items()},
         "skipped": skipped,
         "no_healthy": [i for i, ok in zip(groups["train"]["ids"], groups["train"]["has_healthy"]) if not ok]
         if "train" in groups
@@ -318,6 +327,54 @@ def prepare_images(image_dir: str | os.PathLike, out_h5: str | os.PathLike, *, r
     logger.info("%d images of %s ready for prediction in %s, %d skipped", len(loaded), image_dir, out_h5,
                 len(skipped))
     return {"n_images": len(loaded), "skipped": skipped}
+
+
+def labelled_counts(n_labelled: int) -> tuple[int, int]:
+    """(train, val) counts of ``prepare.labelled`` = n: a fifth in val (``n // 5``, at least 2), the rest in train.
+
+    Each count grows by at most one when n grows by one, so taking the first counts of fixed per-split
+    orders gives nested sets (the 10 are among the 25). n < 3 leaves no labelled train image: ValueError.
+    """
+    if isinstance(n_labelled, bool) or not isinstance(n_labelled, int) or n_labelled < 3:
+        raise ValueError(f"prepare.labelled must be an integer >= 3 (2 val + 1 train masks) or null, "
+                         f"got {n_labelled!r}")
+    n_val = max(2, n_labelled // 5)
+    return n_labelled - n_val, n_val
+
+
+def labelled_order(split_of: dict[str, str], seed: int) -> dict[str, int]:
+    """Rank of every train and val id in its split's seeded order (``prepare.labelled_seed``).
+
+    One permutation per split (train first, then val, from one generator), of the ids sorted: it does not
+    depend on ``prepare.labelled``, so the labelled set of any n is the first ``labelled_counts(n)`` of
+    each order and the sets are nested. The split itself (``split_seed``) is computed before and unchanged.
+    """
+    rng = np.random.default_rng(seed)
+    ranks = {}
+    for split in ("train", "val"):
+        ids = sorted(image_id for image_id, s in split_of.items() if s == split)
+        ranks.update({ids[row]: rank for rank, row in enumerate(rng.permutation(len(ids)))})
+    return ranks
+
+
+def choose_labelled(split_of: dict[str, str], n_labelled: int, seed: int) -> dict[str, int]:
+    """``{id: rank}`` of the labelled train and val images (their masks are read; ranks as labelled_order)."""
+    counts = dict(zip(("train", "val"), labelled_counts(n_labelled)))
+    for split, count in counts.items():
+        pool = sum(1 for s in split_of.values() if s == split)
+        if count > pool:
+            raise ValueError(f"prepare.labelled = {n_labelled} needs {counts['train']} train and {counts['val']} "
+                             f"val images with masks, but the {split} split holds {pool}")
+    ranks = labelled_order(split_of, seed)
+    return {i: rank for i, rank in ranks.items() if rank < counts[split_of[i]]}
+
+
+def labelled_group(group: dict) -> dict:
+    """The rows of an in-memory split group that have a mask (all of it without ``has_mask``)."""
+    if "has_mask" not in group:
+        return group
+    rows = np.flatnonzero(group["has_mask"])
+    return {key: [value[r] for r in rows] if isinstance(value, list) else value[rows] for key, value in group.items()}
 
 
 def _check_options(
@@ -368,8 +425,12 @@ def _load_all(pairs: list[Pair], resolution: int, on_bad_file: str, threads: int
     return loaded, skipped
 
 
-def _group_by_split(loaded: list, split_of: dict[str, str]) -> dict[str, dict]:
-    """Stack the loaded arrays per split (only splits that have images)."""
+def _group_by_split(loaded: list, split_of: dict[str, str], ranks: dict[str, int] | None = None) -> dict[str, dict]:
+    """Stack the loaded arrays per split (only splits that have images).
+
+    ``ranks`` (a labelled subset, :func:`choose_labelled`): train and val get ``has_mask`` and ``label_rank``
+    (-1 where unlabelled), and an all-zero mask where none was read.
+    """
     groups = {}
     for split in SPLITS:
         rows = [row for row in loaded if split_of[row[0]] == split]
@@ -377,20 +438,30 @@ def _group_by_split(loaded: list, split_of: dict[str, str]) -> dict[str, dict]:
             groups[split] = {
                 "ids": [r[0] for r in rows],
                 "images": np.stack([r[1] for r in rows]),
-                "masks": np.stack([r[2] for r in rows]),
+                "masks": np.stack([np.zeros(r[1].shape[:2], bool) if r[2] is None else r[2] for r in rows]),
                 "orig_size": np.array([r[3] for r in rows], dtype=np.int32),
             }
+            if ranks is not None and split != "test":
+                rank = np.array([ranks.get(r[0], -1) for r in rows], dtype=np.int32)
+                groups[split].update(has_mask=rank >= 0, label_rank=rank)
     return groups
 
 
 def _add_healthy_twins(group: dict | None, dilate_px: int, method: str, seed: int, threads: int) -> None:
-    """Add ``healthy`` and ``has_healthy`` to the train group (twin = the image where no skin is left)."""
+    """Add ``healthy`` and ``has_healthy`` to the train group (twin = the image where no skin is left).
+
+    Only images with a mask get a twin (``has_mask``; every image without it): has_healthy is false elsewhere.
+    """
     if group is None:
         return
-    items = [(img, mask, image_seed(seed, content_key(img))) for img, mask in zip(group["images"], group["masks"])]
-    twins = _parallel(_twin_chunk, items, threads, f"healthy twins ({method})", dilate_px=dilate_px, method=method)
-    for image_id, mask, twin in zip(group["ids"], group["masks"], twins):
-        if twin is None:
+    labelled = group.get("has_mask", np.ones(len(group["ids"]), bool))
+    items = [(img, mask, image_seed(seed, content_key(img)))
+             for img, mask, ok in zip(group["images"], group["masks"], labelled) if ok]
+    made = iter(_parallel(_twin_chunk, items, threads, f"healthy twins ({method})", dilate_px=dilate_px,
+                          method=method))
+    twins = [next(made) if ok else None for ok in labelled]
+    for image_id, mask, twin, ok in zip(group["ids"], group["masks"], twins, labelled):
+        if twin is None and ok:
             covered = dilate_mask(mask, dilate_px).mean()
             logger.warning("%s: no healthy twin, the dilated lesion covers %.1f%% of the image", image_id, 100 * covered)
     group["has_healthy"] = np.array([t is not None for t in twins], dtype=bool)
@@ -410,6 +481,9 @@ def _write_h5(out_h5: str | os.PathLike, groups: dict[str, dict], attrs: dict) -
             if "healthy" in group:
                 _image_dataset(g, "healthy", group["healthy"])
                 g.create_dataset("has_healthy", data=group["has_healthy"].astype(bool))
+            if "has_mask" in group:  # a labelled subset (prepare.labelled)
+                g.create_dataset("has_mask", data=group["has_mask"].astype(bool))
+                g.create_dataset("label_rank", data=group["label_rank"].astype(np.int32))
 
 
 def _image_dataset(group: h5py.Group, name: str, data: np.ndarray) -> None:
@@ -460,10 +534,12 @@ def _save_figure(fig, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- reading back
 
 
-def load_split(h5_path: str | os.PathLike, split: str, require_masks: bool = True) -> dict:
+def load_split(h5_path: str | os.PathLike, split: str, require_masks: bool = True, labelled_only: bool = False) -> dict:
     """One split of ``dataset.h5``: ids, images (N,R,R,3) uint8, masks (N,R,R) bool, orig_size (N,2),
-    and healthy / has_healthy when present. ``require_masks=False`` also reads a split without masks
-    (images to predict on; no ``masks`` key then)."""
+    and healthy / has_healthy and has_mask / label_rank when present. ``require_masks=False`` also reads a
+    split without masks (images to predict on; no ``masks`` key then). ``labelled_only``: only the rows
+    whose mask was read (diffseg.h5io.labelled_rows; every row without ``prepare.labelled``), as every
+    stage that learns from or is scored against masks reads them."""
     path = Path(h5_path)
     if not path.is_file():
         raise InputError(path, "dataset file not found")
@@ -489,4 +565,30 @@ def load_split(h5_path: str | os.PathLike, split: str, require_masks: bool = Tru
         if "healthy" in group:
             out["healthy"] = group["healthy"][()]
             out["has_healthy"] = group["has_healthy"][()].astype(bool)
-    return out
+        for key in ("has_mask", "label_rank"):  # a labelled subset (prepare.labelled)
+            if key in group:
+                out[key] = group[key][()]
+        rows = labelled_rows(group) if labelled_only else None
+    if rows is None or len(rows) == len(out["ids"]):
+        return out
+    return {key: [value[r] for r in rows] if key == "ids" else value[rows] for key, value in out.items()}
+
+
+def masks_read_line(h5_path: str | os.PathLike) -> str | None:
+    """table.md's line on how many masks the run read (None when every mask was read: no ``prepare.labelled``)."""
+    with open_h5(h5_path) as h5:
+        if "labelled" not in h5.attrs:
+            return None
+        counts = {split: len(labelled_rows(h5[split])) for split in ("train", "val") if split in h5}
+        n_test = len(h5["test"]["ids"]) if "test" in h5 else 0
+        setting, seed = int(h5.attrs["labelled"]), int(h5.attrs["labelled_seed"])
+    return (f"Masks read for training and selection: {sum(counts.values())} ({counts.get('train', 0)} train + "
+            f"{counts.get('val', 0)} val; prepare.labelled = {setting}, labelled_seed {seed}); the {n_test} test "
+            f"masks are only the scoring truth.")
+
+
+def labelled_setting(h5_path: str | os.PathLike) -> int | None:
+    """The dataset's ``prepare.labelled`` (its ``labelled`` attribute), None when every mask was read."""
+    with open_h5(h5_path) as h5:
+        value = h5.attrs.get("labelled")
+    return None if value is None else int(value)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from diffseg.atomic import atomic_path
 from diffseg.augment import PairedAugment
-from diffseg.data import load_split
+from diffseg.data import labelled_counts, labelled_setting, load_split
 from diffseg.imageio import InputError
 from diffseg.runtime import device_generator, resolve_device, to_model_range
 from diffseg.schedule import Schedule
@@ -78,10 +78,13 @@ class PairSampler:
         self.memory_format = memory_format
         return self
 
-    def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """B/2 lesion images and their own twins (uint8): one index for both."""
         idx = torch.randint(0, self.lesion.shape[0], (self.half,), generator=generator).to(self.lesion.device)
-        lesion, healthy = (to_model_range(a.index_select(0, idx), channels_last_input=False)
-                           for a in (self.lesion, self.healthy))
+        return self.lesion.index_select(0, idx), self.healthy.index_select(0, idx)
+
+    def __call__(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+        lesion, healthy = (to_model_range(a, channels_last_input=False) for a in self.draw(generator))
         if self.augment is not None:
             lesion, healthy = self.augment(lesion, generator, healthy)
         x0 = torch.cat([lesion, healthy]).contiguous(memory_format=self.memory_format)
@@ -92,16 +95,57 @@ class PairSampler:
         return x0, y.to(x0.device)
 
 
-def load_pairs(dataset_h5: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion images and healthy twins of the train split, rows without a twin left out."""
+class PoolSampler(PairSampler):
+    """Batches of B/2 images of the lesion pool and B/2 twins of the healthy pool, drawn independently.
+
+    Unlike PairSampler it drops no lesion image without a twin: with ``prepare.labelled`` the lesion class
+    sees every train image, the healthy class the twins of the labelled ones (``train.twins_from``).
+    """
+
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        lesion = torch.randint(0, self.lesion.shape[0], (self.half,), generator=generator).to(self.lesion.device)
+        healthy = torch.randint(0, self.healthy.shape[0], (self.half,), generator=generator).to(self.healthy.device)
+        return self.lesion.index_select(0, lesion), self.healthy.index_select(0, healthy)
+
+
+def load_pairs(dataset_h5: str | os.PathLike, twins_from: int | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(lesion images, healthy twins, paired) of the train split.
+
+    Every mask read (no ``prepare.labelled``): the images with a twin and their twins, paired row by row
+    (images without a twin left out). A labelled subset: every train image, and the twins of the labelled
+    set of ``twins_from`` (the first K labelled images; None = every labelled one), not paired.
+    """
     split = load_split(dataset_h5, "train")
     if "healthy" not in split:
         raise InputError(dataset_h5, "train split has no 'healthy' twins: rerun prepare_dataset")
-    keep = np.asarray(split["has_healthy"], dtype=bool)
-    if not keep.any():
-        raise InputError(dataset_h5, "no train image has a healthy twin (has_healthy is all false)")
-    logger.info("%s: %d train pairs (%d images without a twin left out)", dataset_h5, keep.sum(), (~keep).sum())
-    return split["images"][keep], split["healthy"][keep]
+    labelled = labelled_setting(dataset_h5)
+    if labelled is None:
+        if twins_from is not None:
+            raise ValueError(f"train.twins_from = {twins_from} needs a labelled subset (prepare.labelled), but "
+                             f"{dataset_h5} was prepared with every mask")
+        keep = np.asarray(split["has_healthy"], dtype=bool)
+        if not keep.any():
+            raise InputError(dataset_h5, "no train image has a healthy twin (has_healthy is all false)")
+        logger.info("%s: %d train pairs (%d images without a twin left out)", dataset_h5, keep.sum(), (~keep).sum())
+        return split["images"][keep], split["healthy"][keep], True
+    twins = twin_rows(split, labelled, twins_from, dataset_h5)
+    logger.info("%s: %d train images under the lesion label, %d twins (of labelled ranks < %d) under the healthy "
+                "label", dataset_h5, len(split["ids"]), len(twins), labelled_counts(twins_from or labelled)[0])
+    return split["images"], split["healthy"][twins], False
+
+
+def twin_rows(split: dict, labelled: int, twins_from: int | None, dataset_h5) -> np.ndarray:
+    """Train rows whose twin the DDPM sees: a twin, and among the labelled train images of ``twins_from``."""
+    if twins_from is not None and twins_from > labelled:
+        raise ValueError(f"train.twins_from = {twins_from} must be at most prepare.labelled = {labelled} "
+                         f"(the labelled images of {dataset_h5})")
+    n_train = labelled_counts(twins_from if twins_from is not None else labelled)[0]
+    rank = np.asarray(split["label_rank"])
+    rows = np.flatnonzero(split["has_healthy"] & (rank >= 0) & (rank < n_train))
+    if rows.size == 0:
+        raise InputError(dataset_h5, f"none of the {n_train} labelled train images of train.twins_from = "
+                         f"{twins_from} has a healthy twin")
+    return rows
 
 
 def write_loss_png(loss_png: str | os.PathLike, rows: list[dict]) -> None:
@@ -142,14 +186,17 @@ def train_ddpm(
     diffusion_cfg = with_defaults("diffusion", diffusion, DIFFUSION_DEFAULTS)
     train = train if train is not None else TrainSettings()
     augment_cfg = dict(augment or {})
-    lesion, healthy = load_pairs(dataset_h5)
+    lesion, healthy, paired = load_pairs(dataset_h5, train.twins_from)
     image_size = int(lesion.shape[1])
     with seeded(train.seed):  # the same initial weights in every run with this seed
         net = build_model(model_cfg, image_size)
     logger.info("conditional U-Net: %d parameters at %d px", count_parameters(net), image_size)
-    sampler = PairSampler(lesion, healthy, train.batch_size, PairedAugment(**augment_cfg),
-                          model_cfg["class_dropout"], net.null_label)
-    config = {"model": model_cfg, "diffusion": diffusion_cfg, "train": asdict(train), "augment": augment_cfg,
+    sampler = (PairSampler if paired else PoolSampler)(lesion, healthy, train.batch_size, PairedAugment(**augment_cfg),
+                                                       model_cfg["class_dropout"], net.null_label)
+    train_cfg = asdict(train)
+    if train.twins_from is None:  # a checkpoint of every mask records the train section as before the setting
+        del train_cfg["twins_from"]
+    config = {"model": model_cfg, "diffusion": diffusion_cfg, "train": train_cfg, "augment": augment_cfg,
               "image_size": image_size}
     schedule = Schedule.from_config(diffusion_cfg, resolve_device(train.device))
 
@@ -161,7 +208,8 @@ def train_ddpm(
     sampler.to(trainer.device, trainer.memory_format)
     summary = trainer.fit()
     write_loss_png(loss_png, trainer.rows)
-    return {**summary, "pairs": int(lesion.shape[0]), "image_size": image_size, "parameters": count_parameters(net)}
+    return {**summary, "pairs": int(lesion.shape[0]), "twins": int(healthy.shape[0]), "image_size": image_size,
+            "parameters": count_parameters(net)}
 
 
 def load_model(

@@ -21,9 +21,9 @@ import pandas as pd
 
 from diffseg.atomic import atomic_path
 from diffseg.calibration import load_calibration
-from diffseg.data import truth_mask_files
+from diffseg.data import masks_read_line, truth_mask_files
 from diffseg.export import write_original_size_pngs
-from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5
+from diffseg.h5io import check_resolution, check_split_attr, match_rows, read_h5, read_labelled
 from diffseg.imageio import InputError
 from diffseg.metrics import METRICS, OFFICIAL_METRICS, PNG_SUFFIX, aggregate, auroc, mask_metrics, score_png_pairs
 from diffseg.postprocess import binary_outputs, needs_maps
@@ -160,7 +160,7 @@ def mean_dice_per_timestep(binary: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def choose_timestep_on_val(dataset_h5, val_h5) -> tuple[int, np.ndarray, np.ndarray]:
     """(best timestep value, timesteps, mean val Dice per timestep), from the val split only."""
-    truth = read_h5(dataset_h5, ["masks"], group="val")
+    truth = read_labelled(dataset_h5, "val")
     val = read_h5(val_h5, ["binary", "timesteps"])
     check_split_attr(val_h5, val["attrs"], "val")
     rows = match_rows(truth["ids"], val["ids"], val_h5)
@@ -395,14 +395,17 @@ def _final_scores(scores: Sequence[RowScores]) -> RowScores:
 
 
 def render_table(scores: Sequence[RowScores], split: str, fail_dice: float, *, resolution: int, n_outputs: int,
-                 sizes: str, risk_lines: list[str] | None = None, calibration_lines: Sequence[str] = ()) -> str:
+                 sizes: str, risk_lines: list[str] | None = None, calibration_lines: Sequence[str] = (),
+                 masks_line: str | None = None) -> str:
     """The markdown of table.md: the official score first, the working-resolution numbers second.
 
-    ``risk_lines`` (the risk score's section) replace the single-score AUROC list.
+    ``risk_lines`` (the risk score's section) replace the single-score AUROC list. ``masks_line`` (a
+    ``prepare.labelled`` run: how many masks it read) follows the title.
     """
     final = _final_scores(scores).per_image
     lines = [f"# Segmentation results on split '{split}' (n = {len(final)} images; the model worked at "
              f"{resolution} x {resolution} px)", ""]
+    lines += [masks_line, ""] if masks_line else []
     lines += _official_table(scores, sizes) + [""]
     lines += _working_table(scores, resolution, n_outputs) + [""]
     lines += _ged_line({s.row.name: s.means for s in scores}, len(final), n_outputs) + [""]
@@ -464,7 +467,7 @@ def run_evaluate(inputs: EvaluateInputs, outputs: EvaluateOutputs, *, split: str
     """
     if split == "val":
         logger.warning("evaluating on 'val', the split the best timestep is chosen on: that row is optimistic")
-    truth_data = read_h5(inputs.dataset_h5, ["masks", "orig_size"], group=split)
+    truth_data = read_labelled(inputs.dataset_h5, split, ["orig_size"])
     ids, truth = truth_data["ids"], truth_data["masks"].astype(bool)
     if not ids:
         raise InputError(inputs.dataset_h5, f"split '{split}' holds no images")
@@ -484,7 +487,8 @@ def run_evaluate(inputs: EvaluateInputs, outputs: EvaluateOutputs, *, split: str
         pd.concat([s.per_image for s in scores], ignore_index=True).to_csv(tmp, index=False)
     markdown = render_table(scores, split, fail_dice, resolution=truth.shape[-1], n_outputs=n_outputs,
                             sizes=size_range(truth_data["orig_size"]), risk_lines=risk_lines,
-                            calibration_lines=_calibration_lines(reliability))
+                            calibration_lines=_calibration_lines(reliability),
+                            masks_line=masks_read_line(inputs.dataset_h5))
     with atomic_path(outputs.table_md) as tmp:
         tmp.write_text(markdown)
     logger.info("evaluate %s (official, original size): %s", split,

@@ -284,7 +284,9 @@ def train_feature_head(dataset_h5: str | os.PathLike, ddpm_checkpoint: str | os.
     timesteps = check_timesteps(inference.timesteps, int(ddpm_cfg["diffusion"]["T"]))
     blocks = resolve_blocks(model, settings.blocks)
     schedule = Schedule.from_config(ddpm_cfg["diffusion"], dev)
-    train, val = load_split(dataset_h5, "train"), load_split(dataset_h5, "val")
+    # truth targets: the labelled train images (prepare.labelled); DiffSeg's own masks exist for every one
+    train = load_split(dataset_h5, "train", labelled_only=targets_h5 is None)
+    val = load_split(dataset_h5, "val", labelled_only=True)  # early stopping scores against masks
     targets = train["masks"] if targets_h5 is None else read_targets(targets_h5, train["ids"])
     channels = input_channels(model, blocks, **switches)
     megabytes = input_megabytes(len(train["ids"]) + len(val["ids"]), len(timesteps), channels,

@@ -21,7 +21,7 @@ from diffseg.calibration import load_calibration
 from diffseg.evaluate import FINAL_METHOD
 from diffseg.figures_common import (FINAL_COLOUR, TRUTH_COLOUR, add_note, colourbar, image_panel, new_figure, outline,
                                     save_png)
-from diffseg.h5io import match_rows, read_h5
+from diffseg.h5io import match_rows, read_h5, read_labelled
 from diffseg.imageio import InputError
 from diffseg.metrics import mask_metrics
 from diffseg.postprocess import binary_outputs, needs_maps
@@ -61,7 +61,7 @@ def load_case_data(dataset_h5, inference_h5, uncertainty_h5, crf_h5, split: str,
     The binary outputs are the calibration's (diffseg.postprocess.binary_outputs: inference's stored
     ones for None or the paper's identity), as uncertainty and evaluation score them.
     """
-    data = read_h5(dataset_h5, ["images", "masks"], group=split)
+    data = read_labelled(dataset_h5, split, ["images"])
     rows = match_rows(ids, data["ids"], dataset_h5, f" from split '{split}'")
     cal = load_calibration(calibration_h5) if calibration_h5 is not None else None
     inf = read_h5(inference_h5, ["binary", "timesteps", *(["maps"] if needs_maps(cal) else [])])

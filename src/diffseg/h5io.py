@@ -65,6 +65,34 @@ def read_h5(path: str | os.PathLike, keys: Sequence[str], group: str | None = No
     return out
 
 
+def labelled_rows(node: h5py.Group) -> np.ndarray:
+    """Rows of a dataset split whose mask was read: ``has_mask`` (a ``prepare.labelled`` subset), else every row.
+
+    The one test of "has a mask" of every stage that learns from masks or is scored against them.
+    """
+    if "has_mask" not in node:
+        return np.arange(len(node["ids"]))
+    return np.flatnonzero(node["has_mask"][()])
+
+
+def read_labelled(path: str | os.PathLike, split: str, keys: Sequence[str] = ()) -> dict:
+    """:func:`read_h5` of ``masks`` and ``keys`` of one dataset split, only its rows with a mask (labelled_rows).
+
+    ``ids`` and every per-row dataset are of those rows; ``n_unlabelled`` counts the rows left out.
+    """
+    data = read_h5(path, ["masks", *keys], group=split)
+    with open_h5(path) as fh:
+        rows = labelled_rows(fh[split])
+    n_all = len(data["ids"])
+    data["n_unlabelled"] = n_all - len(rows)
+    if len(rows) < n_all:
+        data["ids"] = [data["ids"][r] for r in rows]
+        for key in ("masks", *keys):
+            if key not in PER_FILE_KEYS:
+                data[key] = data[key][rows]
+    return data
+
+
 def match_rows(wanted: Sequence[str], file_ids: Sequence[str], path: str | os.PathLike, where: str = "") -> np.ndarray:
     """Row in ``file_ids`` of every wanted id; a missing id is an error naming the file and the id."""
     row_of = {image_id: row for row, image_id in enumerate(file_ids)}

@@ -27,7 +27,7 @@ import pandas as pd
 
 from diffseg.atomic import atomic_path
 from diffseg.calibration import load_calibration
-from diffseg.h5io import check_split_attr, match_rows, open_h5, read_h5, require
+from diffseg.h5io import check_split_attr, match_rows, open_h5, read_h5, read_labelled, require
 from diffseg.imageio import InputError
 from diffseg.metrics import auroc, average_precision, dice
 from diffseg import review
@@ -135,9 +135,10 @@ def best_index(cal: Calibration, timesteps: Sequence[int], path) -> int:
 def split_features(dataset_h5, inference_h5, crf_h5, calibration_h5, split: str) -> pd.DataFrame:
     """One row per image of ``split``: id, every feature, and ``dice`` of the final mask where truth exists.
 
-    Files are matched to the dataset by image id; the outputs are the calibration's.
+    Files are matched to the dataset by image id; the outputs are the calibration's. A split with masks
+    gives only its rows with a mask (diffseg.h5io.read_labelled: a ``prepare.labelled`` subset of val).
     """
-    data = read_h5(dataset_h5, ["images"], group=split)
+    data = _split_data(dataset_h5, split)
     ids = data["ids"]
     if not ids:
         raise InputError(dataset_h5, f"split '{split}' holds no images")
@@ -154,16 +155,17 @@ def split_features(dataset_h5, inference_h5, crf_h5, calibration_h5, split: str)
                                                      crf["fused"][crf_rows[i]], crf["rounds"][crf_rows[i]],
                                                      best_index=best, centre=centre)})
     table = pd.DataFrame(rows, columns=["id", *FEATURES])
-    truth = _truth_if_any(dataset_h5, split)
-    if truth is not None:
+    if "masks" in data:
         fused = crf["fused"][crf_rows].astype(bool)
-        table["dice"] = [dice(f, t) for f, t in zip(fused, truth)]
+        table["dice"] = [dice(f, t) for f, t in zip(fused, data["masks"].astype(bool))]
     return table
 
 
-def _truth_if_any(dataset_h5, split: str) -> np.ndarray | None:
+def _split_data(dataset_h5, split: str) -> dict:
+    """ids and images of a split, with ``masks`` of its labelled rows only where it has masks."""
     with open_h5(dataset_h5) as f:
-        return f[split]["masks"][()].astype(bool) if "masks" in f[split] else None
+        has_masks = split in f and "masks" in f[split]
+    return read_labelled(dataset_h5, split, ["images"]) if has_masks else read_h5(dataset_h5, ["images"], group=split)
 
 
 # ----------------------------------------------------------------------------- the model

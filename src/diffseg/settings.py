@@ -87,6 +87,8 @@ class PrepareSettings(FromConfig):
     on_bad_file: str = "error"
     preview_n: int = 4
     limit: int | None = None
+    labelled: int | None = None
+    labelled_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class TrainSettings(FromConfig):
     channels_last: bool = True
     device: str = "auto"
     max_minutes: float | None = None
+    twins_from: int | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.checkpoint_every < 1 or self.log_every < 1:
