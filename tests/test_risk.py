@@ -12,9 +12,9 @@ import pytest
 from diffseg.calibration import Calibration, save_calibration
 from diffseg.imageio import InputError
 from diffseg.metrics import auroc, average_precision
-from diffseg.risk import (FEATURES, apply_risk, border_fraction, expected_calibration_error, fit_risk,
+from diffseg.risk import (FEATURE_LABELS, FEATURES, apply_risk, border_fraction, expected_calibration_error, fit_risk,
                           load_risk_model, output_dice_spread, reliability_table, review_queue, risk_coverage,
-                          risk_features, run_fit_risk, save_risk_model, score_rankings, soft_margin)
+                          risk_features, risk_markdown, run_fit_risk, save_risk_model, score_rankings, soft_margin)
 
 R = 16
 
@@ -279,3 +279,20 @@ def test_fit_refuses_an_inference_file_of_another_split(tmp_path):
         f.attrs["split"] = "test"
     with pytest.raises(InputError, match="val_inference.h5.*'test', expected 'val'"):
         run_fit_risk(*files, tmp_path / "risk.json")
+
+
+def test_a_feature_equal_on_every_image_leaves_the_ranking_table_with_a_note():
+    """CRF disagreement is 0 on every image where the CRF ran one round: no AUROC-0.5 row, a note instead."""
+    table = synthetic_table()
+    table["crf_disagreement"] = 0.0
+    model, _ = fit_risk(table, features=[f for f in FEATURES if f != "crf_disagreement"])
+    risk = apply_risk(model, table)
+    scores = list(score_rankings(table, risk, model, 0.7)["score"])
+    assert "crf_disagreement" not in scores and scores[0] == "risk" and len(scores) == len(FEATURES)
+    lines = risk_markdown(table, risk, model, 0.7)
+    note = next(line for line in lines if line.startswith("Left out of the ranking"))
+    assert FEATURE_LABELS["crf_disagreement"] in note
+    assert not any(line.startswith("| " + FEATURE_LABELS["crf_disagreement"]) for line in lines)
+    table["crf_disagreement"] = np.linspace(0, 0.1, len(table))  # varies: ranked again, no note
+    assert "crf_disagreement" in list(score_rankings(table, risk, model, 0.7)["score"])
+    assert not any(line.startswith("Left out") for line in risk_markdown(table, risk, model, 0.7))

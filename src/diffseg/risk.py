@@ -330,13 +330,23 @@ def score_rankings(table: pd.DataFrame, risk: np.ndarray, model: RiskModel, fail
     direction = dict(zip(model.features, model.directions))
     rows = [{"score": "risk", "direction": 1, "auroc": auroc(risk, failed),
              "average_precision": average_precision(risk, failed)}]
-    for name in FEATURES:
-        if name in table:
-            sign = direction.get(name, 1)
-            s = sign * table[name].to_numpy(np.float64)
-            rows.append({"score": name, "direction": sign, "auroc": auroc(s, failed),
-                         "average_precision": average_precision(s, failed)})
+    for name in ranked_features(table):
+        sign = direction.get(name, 1)
+        s = sign * table[name].to_numpy(np.float64)
+        rows.append({"score": name, "direction": sign, "auroc": auroc(s, failed),
+                     "average_precision": average_precision(s, failed)})
     return pd.DataFrame(rows)
+
+
+def ranked_features(table: pd.DataFrame) -> list[str]:
+    """The FEATURES of ``table`` that vary over its images: a feature equal on every image (CRF disagreement
+    where the CRF ran one round) ranks nothing, so the table leaves it out instead of printing AUROC 0.5."""
+    return [name for name in FEATURES if name in table and np.ptp(table[name].to_numpy(np.float64)) > 0]
+
+
+def constant_features(table: pd.DataFrame) -> list[str]:
+    """The FEATURES of ``table`` that are the same on every image (left out of the ranking table)."""
+    return [name for name in FEATURES if name in table and name not in ranked_features(table)]
 
 
 def review_order(risk: np.ndarray, ids: Sequence[str]) -> np.ndarray:
@@ -439,6 +449,10 @@ def risk_markdown(table: pd.DataFrame, risk: np.ndarray, model: RiskModel, fail_
         label = "**risk score**" if row.score == "risk" else FEATURE_LABELS[row.score]
         label += " (lower = riskier)" if row.direction < 0 else ""
         lines.append(f"| {label} | {format_score(row.auroc)} | {format_score(row.average_precision)} |")
+    constant = constant_features(table)
+    if constant:
+        lines += ["", "Left out of the ranking (the same on every image, so they rank nothing): "
+                  + "; ".join(FEATURE_LABELS[name] for name in constant) + "."]
     coverage = risk_coverage(table["dice"], risk, table["id"])
     lines += ["", "Risk-coverage: mean Dice of the images kept when the riskiest fraction goes to review "
               "(oracle: the truly worst go; review_queue.csv lists every image, riskiest first):", "",
