@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"
 QUICK = "config/isic2018_quick.yaml"
 FULL = "config/isic2018.yaml"
+MEDIUM = "config/isic2018_medium.yaml"
 ABLATION = REPO / "config" / "ablation"
 
 PAPER_TIMESTEPS = [60, 70, 80, 90, 100, 110, 120, 130, 140, 150]  # t = 60, 70, ..., 150: 10 outputs
@@ -152,7 +153,7 @@ def test_features_overlay_restores_the_quick_default_over_another_method():
                                               "config/ablation/features.yaml")) == {}
 
 
-@pytest.mark.parametrize("base", [QUICK, FULL])
+@pytest.mark.parametrize("base", [QUICK, MEDIUM, FULL])
 def test_paper_overlay_is_the_paper_on_either_base(base):
     """The values of the paper, spelled out (not derived from the claim table above)."""
     cfg = resolved_config(base, "config/ablation/paper.yaml")
@@ -172,3 +173,17 @@ def test_a1_to_a4_start_from_the_paper_inference():
     paper = resolved_config(QUICK, "config/ablation/paper.yaml")["inference"]
     for overlay in ("a1_val_threshold", "a2_bias", "a3_blur", "a4_cleanup"):
         assert resolved_config(QUICK, f"config/ablation/{overlay}.yaml")["inference"] == paper, overlay
+
+
+def test_medium_config_is_the_quick_one_at_64_px():
+    """Its header: the quick benchmark at 64 px with a 3.5M-parameter DDPM, same images and split, the pixel
+    sizes scaled; the features head reads one decoder block per level (every block would not fit in memory)."""
+    assert differences(resolved_config(QUICK), resolved_config(MEDIUM)) == {
+        "results_dir": "results/isic2018_medium",
+        "prepare.resolution": 64, "prepare.dilate_px": 2,
+        "model.base_channels": 48, "model.channel_mult": [1, 2, 2, 2],
+        "train.steps": 1200, "train.checkpoint_every": 250,
+        "inference.batch_images": 16,
+        "features.blocks": [1, 3, 5, 7],
+        "crf.bilateral_sxy": 6,
+    }

@@ -491,3 +491,74 @@ def test_train_ddpm_passes_the_time_budget(tmp_path):
     assert summary["steps"] == 1 and summary["stopped_by"] == "max_minutes"
     assert load_checkpoint(ckpt)["config"]["train"]["max_minutes"] == 1e-9
     assert load_checkpoint(resume_path_for(ckpt))["step"] == 1
+
+
+class _Zeros(torch.nn.Module):
+    """Predicts zero noise; records the timesteps and labels it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append((t.clone(), y.clone()))
+        return torch.zeros_like(x)
+
+
+class _Oracle(torch.nn.Module):
+    """Knows the clean image x0: returns the exact noise (x_t - sqrt(a_t) x0) / sqrt(1 - a_t)."""
+
+    def __init__(self, x0, schedule):
+        super().__init__()
+        self.x0, self.schedule = x0, schedule
+
+    def forward(self, x, t, y):
+        a = self.schedule.alpha_bar[t].reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+def _seeded_noise(images, seed):
+    from diffseg.seeding import content_key, image_generator
+
+    return torch.stack([torch.randn((3, R, R), generator=image_generator(seed, content_key(im))) for im in images])
+
+
+def test_val_epsilon_loss_of_a_zero_model_is_the_mean_square_of_the_seeded_noise():
+    from diffseg.ddpm import val_epsilon_loss
+
+    images, _, _ = synthetic_pairs(4)
+    schedule = Schedule.from_config(DIFFUSION)
+    model = _Zeros()
+    loss = val_epsilon_loss(model, schedule, images, t=40, label=1, seed=5, batch_images=3)
+    assert loss == pytest.approx(_seeded_noise(images, 5).square().mean().item(), rel=1e-6)
+    assert abs(loss - 1.0) < 0.1  # 3,072 squared standard normals
+    assert [len(t) for t, _ in model.calls] == [3, 1]  # two batches
+    assert all((t == 40).all() and (y == 1).all() for t, y in model.calls)
+    assert val_epsilon_loss(model, schedule, images, t=40, label=1, seed=6) != loss  # another seed, other noise
+
+
+def test_val_epsilon_loss_is_zero_for_the_exact_noise_and_independent_of_order_and_batch():
+    from diffseg.ddpm import val_epsilon_loss
+
+    images = np.repeat(synthetic_pairs(1)[0], 3, axis=0)  # one image three times: one x0 for the oracle
+    schedule = Schedule.from_config(DIFFUSION)
+    x0 = torch.from_numpy(images[:1]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert val_epsilon_loss(_Oracle(x0, schedule), schedule, images, t=99, label=0, seed=0) < 1e-8
+    model = build_model(TINY_MODEL, R).eval()
+    many, _, _ = synthetic_pairs(5)
+    whole = val_epsilon_loss(model, schedule, many, t=10, label=1, seed=0)
+    assert val_epsilon_loss(model, schedule, many[::-1], t=10, label=1, seed=0, batch_images=2) == pytest.approx(
+        whole, rel=1e-5)
+    assert val_epsilon_loss(model, schedule, many, t=10, label=1, seed=0) == whole  # deterministic
+    assert math.isfinite(whole) and whole > 0
+
+
+def test_val_epsilon_loss_names_a_bad_timestep_or_image_array():
+    from diffseg.ddpm import val_epsilon_loss
+
+    images, _, _ = synthetic_pairs(2)
+    schedule = Schedule.from_config(DIFFUSION)
+    with pytest.raises(ValueError, match=r"t = 100 outside \[0, 100\)"):
+        val_epsilon_loss(_Zeros(), schedule, images, t=100, label=1, seed=0)
+    with pytest.raises(ValueError, match="uint8 \\(N, H, W, 3\\)"):
+        val_epsilon_loss(_Zeros(), schedule, images.astype(np.float32), t=1, label=1, seed=0)

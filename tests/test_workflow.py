@@ -207,6 +207,32 @@ def test_quick_benchmark_and_each_ablation_row_plan_the_full_chain(tmp_path, ove
         assert jobs.get(rule, 0) >= 1, f"{rule} missing from the plan: {jobs}"
 
 
+MEDIUM_PARAMETERS = 3_543_651  # base 48, channel_mult 1,2,2,2, one residual block per level, no attention, 64 px
+
+
+@pytest.mark.skipif(not ISIC_256.is_dir(), reason="shared ISIC data absent")
+def test_medium_config_plans_the_full_chain_at_64_px_with_a_3_5m_ddpm(tmp_path):
+    """config/isic2018_medium.yaml (issue 26's scale ladder) validates and plans every rule of the chain."""
+    from snakemake.utils import update_config
+
+    from diffseg.ddpm import build_model
+    from diffseg.unet import count_parameters
+
+    wf = workflow_copy(tmp_path)
+    (wf / "data.yaml").write_text(yaml.safe_dump({"data_dir": str(ISIC_256)}))
+    files = ("config/config.yaml", "config/isic2018_medium.yaml", "data.yaml")
+    run = snakemake(wf, "-n", configfiles=files)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = planned_jobs(run.stdout)
+    assert all(jobs.get(rule, 0) >= 1 for rule in [*CHAIN, "train_feature_head"]), jobs
+    assert jobs["infer"] == 2 and jobs["train_baseline"] == 1 and "make_demo_data" not in jobs
+    config = {}
+    for name in files:
+        update_config(config, yaml.safe_load((wf / name).read_text()))
+    assert config["prepare"]["resolution"] == 64 and config["prepare"]["limit"] == 600
+    assert count_parameters(build_model(config["model"], 64)) == MEDIUM_PARAMETERS
+
+
 @pytest.mark.skipif(not ISIC_256.is_dir(), reason="shared ISIC data absent")
 @pytest.mark.parametrize("paper", [False, True])
 def test_gpu_config_and_its_paper_overlay_plan_the_chain(tmp_path, paper):

@@ -17,6 +17,7 @@ from diffseg.data import labelled_counts, labelled_setting, load_split
 from diffseg.imageio import InputError
 from diffseg.runtime import device_generator, resolve_device, to_model_range
 from diffseg.schedule import Schedule
+from diffseg.seeding import content_key, image_generator
 from diffseg.settings import TrainSettings
 from diffseg.train import CheckpointError, RunFiles, Trainer, load_checkpoint, seeded
 from diffseg.unet import ConditionalUNet, count_parameters
@@ -58,6 +59,36 @@ def epsilon_loss(
     noise = torch.empty_like(x0).normal_(generator=gen)  # keeps x0's memory format (channels_last)
     x_t = schedule.q_sample(x0, t, noise)
     return F.mse_loss(model(x_t, t, y).float(), noise.float())
+
+
+@torch.no_grad()
+def val_epsilon_loss(model, schedule: Schedule, images_uint8: np.ndarray, t: int, label: int, seed: int,
+                     batch_images: int = 32) -> float:
+    """Eq. 1's loss on held-out images at one timestep and label: the mean over images and pixels of
+    (eps_theta(x_t, t, label) - eps)^2, with x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps.
+
+    Each image's eps comes from (seed, its content) (diffseg.seeding), so the value depends neither on the
+    images' order nor on ``batch_images``; a model that predicts zeros scores mean(eps^2), about 1. The
+    model runs on the schedule's device.
+    """
+    images_uint8 = np.ascontiguousarray(images_uint8)  # a reversed view: torch takes no negative strides
+    if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8 or not len(images_uint8):
+        raise ValueError(f"val_epsilon_loss: images must be a non-empty uint8 (N, H, W, 3) array, got "
+                         f"{images_uint8.dtype} {images_uint8.shape}")
+    if not 0 <= t < schedule.T:
+        raise ValueError(f"val_epsilon_loss: t = {t} outside [0, {schedule.T})")
+    device = schedule.device
+    total = 0.0
+    for start in range(0, len(images_uint8), batch_images):
+        part = images_uint8[start:start + batch_images]
+        x0 = to_model_range(part, device)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=image_generator(seed, content_key(image)))
+                           for image in part]).to(device)
+        steps = torch.full((len(part),), t, dtype=torch.long, device=device)
+        labels = torch.full((len(part),), label, dtype=torch.long, device=device)
+        predicted = model(schedule.q_sample(x0, steps, eps), steps, labels).float()
+        total += (predicted - eps).square().mean(dim=(1, 2, 3)).double().sum().item()
+    return total / len(images_uint8)
 
 
 class PairSampler:
