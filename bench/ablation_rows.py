@@ -1,6 +1,6 @@
 """docs/RESULTS.md's ablation rows on a trained quick-benchmark run, one overlay after another.
 
-Each overlay runs in its own copy of the trained run (data/ and models/ only, so everything from
+Each overlay runs in its own copy of the trained run (data/ and models/ less the features head, so everything from
 rule infer on is computed for that overlay and the trained DDPM is reused), sequentially, with
 
     snakemake --cores 2 --rerun-triggers mtime input --configfile <base> <run.yaml> <overlay>
@@ -30,6 +30,8 @@ import h5py
 import pandas as pd
 import yaml
 
+from scale_ladder import copy_trained  # bench/ is on sys.path when this script runs
+
 from diffseg.evaluate import (BEST_T_METHOD, FINAL_METHOD, MEAN_METHOD, OFFICIAL_PREFIX, PAPER_FINAL_METHOD,
                               UNCERTAINTY_SCORES, auroc)
 
@@ -42,10 +44,7 @@ def run_overlay(trained: Path, workdir: Path, seed: int, overlay: str, base: str
     out = workdir / overlay
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for part in ("demo_data", "data", "models"):  # demo_data: the synthetic data, when data_dir is null
-        if (trained / part).is_dir():
-            shutil.copytree(trained / part, out / part, copy_function=shutil.copy2)  # keeps mtimes: no retraining
+    copy_trained(trained, out)  # data and DDPM with their file times (no retraining); never the features head
     run_yaml = out / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({"results_dir": str(out), "train": {"seed": seed},
                                         "baselines": {"seed": seed}}))
