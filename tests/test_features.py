@@ -150,6 +150,29 @@ def test_streamed_inputs_are_the_cached_inputs():
     torch.testing.assert_close(streamed[rows, t_index], cached[rows, t_index], rtol=2e-3, atol=2e-3)
 
 
+def test_images_per_call_bounds_the_memory_of_one_feature_call():
+    # 3 copies x 4 bytes x T x C x H x W: 1 timestep, 1 channel, 1024 x 1024 px = 12 MiB per image
+    assert features.images_per_call(1, 1, 1024, 1024, budget_mb=120) == 10
+    assert features.images_per_call(1, 1, 1024, 1024, budget_mb=11) == 1  # never fewer than one image
+    # config/isic2018.yaml at 128 px, every decoder block (3,073 channels), 3 timesteps: 1.7 GB per image
+    assert features.images_per_call(3073, 3, 128, 128) == 1
+    assert features.images_per_call(641, 3, 32, 32) == 90  # the quick config: its batch of 32 stays one call
+
+
+def test_feature_maps_in_memory_bounded_chunks_equal_one_call(monkeypatch):
+    model, ab = tiny_model(), Schedule.from_config(DIFFUSION)
+    images, _ = images_and_noise(b=5)
+    noise = torch.randn((5, 2, 3, RES, RES), generator=torch.Generator().manual_seed(4))
+    blocks = [0, 1]
+    head = FeatureHead(input_channels(model, blocks, True, True, True), len(TIMESTEPS), hidden=8).eval()
+    cfg = {"blocks": blocks, "use_features": True, "use_difference": True, "use_noise": True}
+    whole = features.feature_maps(model, head, cfg, ab, images, TIMESTEPS, noise)
+    monkeypatch.setattr(features.images_per_call, "__defaults__", (0.0,))  # a zero budget: one image per call
+    chunked = features.feature_maps(model, head, cfg, ab, images, TIMESTEPS, noise)
+    assert whole.shape == (5, len(TIMESTEPS), RES, RES)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_a_head_trained_on_streamed_inputs_is_the_cached_one(files, tmp_path):
     """Over features.input_cache_mb the inputs are computed per batch: same values, so the same head."""
     dataset_h5, ddpm = files

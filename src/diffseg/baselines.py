@@ -146,16 +146,26 @@ def train_baseline(
     """Train the supervised U-Net (name "unet") or Attention U-Net ("attention_unet"); returns the trainer summary.
 
     settings None means the ``baselines`` section's defaults; augment None or {} means PairedAugment's
-    defaults. Otsu has nothing to train (ValueError). The resume file is `<checkpoint>.resume.pt`; the
-    final checkpoint keeps the best-val-Dice EMA weights. ``settings.max_minutes``: wall-time budget of
-    the training loop (diffseg.train.TimeBudget), None = until ``steps``.
+    defaults. Otsu has nothing to train (ValueError). The train and val images whose masks were read
+    (prepare.labelled) are used (:func:`fit_unet`).
     """
     s = settings if settings is not None else BaselineSettings()
     if check_name(name) == "otsu":
         raise ValueError("baselines: 'otsu' is training-free; train_baseline accepts only unet and attention_unet")
     train, val = (load_split(dataset_h5, split, labelled_only=True) for split in ("train", "val"))
+    check_size(int(train["images"].shape[1]), s.depth, dataset_h5)
+    return fit_unet(name, train, val, checkpoint, log_csv, s, augment=augment)
+
+
+def fit_unet(name: str, train: dict, val: dict, checkpoint: str | os.PathLike, log_csv: str | os.PathLike,
+             settings: BaselineSettings, *, augment: dict | None = None) -> dict:
+    """Train U-Net ``name`` on ``train``'s images and masks, early-stopped on ``val``'s Dice (dicts with
+    ``ids``, ``images`` (N, R, R, 3) uint8 and ``masks`` (N, R, R)). The resume file is
+    `<checkpoint>.resume.pt`; the final checkpoint keeps the best-val-Dice EMA weights.
+    ``settings.max_minutes``: wall-time budget of the training loop (diffseg.train.TimeBudget), None = until
+    ``steps``."""
+    s = settings
     image_size = int(train["images"].shape[1])
-    check_size(image_size, s.depth, dataset_h5)
     model_cfg = {"name": name, "base_channels": s.base_channels, "depth": s.depth, "attention": UNET_ATTENTION[name]}
     with seeded(s.seed):  # the same initial weights in every run with this seed
         net = build_unet(model_cfg)
@@ -206,15 +216,25 @@ def otsu_predict(dataset_h5: str | os.PathLike, split: str) -> tuple[np.ndarray,
     """Otsu masks for `split`, channel chosen on val (on train when val itself is predicted)."""
     choice_split = "train" if split == "val" else "val"
     ref = load_split(dataset_h5, choice_split, labelled_only=True)
-    scores = otsu_channel_scores(ref["images"], ref["masks"])
-    channel = max(OTSU_CHANNELS, key=lambda c: scores[c])
+    channel, scores = otsu_channel(ref["images"], ref["masks"])
     logger.info("Otsu channel %r chosen on %s (mean Dice %s)", channel, choice_split,
                 ", ".join(f"{c} {s:.4f}" for c, s in scores.items()))
-    images = load_split(dataset_h5, split)["images"]
+    masks = otsu_masks(load_split(dataset_h5, split)["images"], channel)
+    return masks, {"channel": channel, "channel_chosen_on": choice_split, "channel_scores": json.dumps(scores)}
+
+
+def otsu_channel(images: np.ndarray, masks: np.ndarray) -> tuple[str, dict[str, float]]:
+    """(the channel of the best mean Dice on these labelled images, every channel's mean Dice)."""
+    scores = otsu_channel_scores(images, masks)
+    return max(OTSU_CHANNELS, key=lambda c: scores[c]), scores
+
+
+def otsu_masks(images: np.ndarray, channel: str) -> np.ndarray:
+    """(N, R, R) bool Otsu masks of (N, R, R, 3) uint8 images on ``channel``."""
     masks = np.zeros(images.shape[:3], bool)
     for row, image in enumerate(images):
         masks[row] = otsu_segment(image, channel)
-    return masks, {"channel": channel, "channel_chosen_on": choice_split, "channel_scores": json.dumps(scores)}
+    return masks
 
 
 def unet_predict(name: str, dataset_h5: str | os.PathLike, checkpoint: str | os.PathLike, split: str,

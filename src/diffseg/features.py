@@ -51,6 +51,7 @@ CHECKPOINT_KIND = "feature_head"
 HEADS = ("mlp", "conv3x3")
 TARGETS = ("truth", "diffseg")
 LABELS = (0, 1)  # healthy c0, lesion c1
+FEATURE_CALL_MB = 2048  # memory of one feature_inputs call (images_per_call)
 
 
 # ----------------------------------------------------------------------------- the per-pixel inputs
@@ -75,6 +76,18 @@ def resolve_blocks(model, blocks: Sequence[int] | None) -> list[int]:
 def input_channels(model, blocks: Sequence[int], use_features: bool, use_difference: bool, use_noise: bool) -> int:
     widths = sum(model.decoder_channels()[b] for b in blocks)
     return widths * (int(use_features) + int(use_difference)) + int(use_noise)
+
+
+def images_per_call(channels: int, n_timesteps: int, height: int, width: int,
+                    budget_mb: float = FEATURE_CALL_MB) -> int:
+    """How many images one :func:`feature_inputs` call may hold within ``budget_mb`` (at least 1).
+
+    A call holds its (B, T, C, H, W) float32 result about three times over (both labels' upsampled
+    activations and their concatenation); at 128 px with every decoder block that is 1.7 GB per image,
+    so a GPU-sized ``inference.batch_images`` would exhaust a CPU machine's memory.
+    """
+    per_image = 3 * 4 * n_timesteps * channels * height * width / 2**20
+    return max(1, int(budget_mb // per_image))
 
 
 def feature_inputs(model, schedule: Schedule, images: torch.Tensor, timesteps: Sequence[int],
@@ -146,8 +159,9 @@ class StreamedInputs:
         """(B, len(timesteps), C, R, R) float16 of images ``rows``, in batches of batch_images, each batch
         moved to ``out_device`` (default: the model's device) as it is made."""
         out = []
-        for start in range(0, len(rows), self.batch_images):
-            part = rows[start:start + self.batch_images]
+        step = min(self.batch_images, images_per_call(self.shape[2], len(timesteps), *self.shape[3:]))
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
             images = to_model_range(self.images[part], self.device)
             eps = image_noise(self.images[part], self.seed, 1)[:, 0]
             out.append(feature_inputs(self.model, self.schedule, images, timesteps, eps.to(self.device), self.blocks,
@@ -374,11 +388,12 @@ def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, i
     ``noise`` is (B, D, 3, H, W), as diffseg.inference.image_noise gives it.
     """
     switches = {k: head_cfg[k] for k in ("use_features", "use_difference", "use_noise")}
+    step = images_per_call(input_channels(model, head_cfg["blocks"], **switches), len(timesteps), *images.shape[2:])
     total = None
     for d in range(noise.shape[1]):
-        inputs = feature_inputs(model, schedule, images, timesteps, noise[:, d].to(images.device),
-                                head_cfg["blocks"], autocast_dtype=autocast_dtype, **switches)
-        probs = head_probabilities(head, inputs)
+        probs = torch.cat([head_probabilities(head, feature_inputs(
+            model, schedule, images[start:start + step], timesteps, noise[start:start + step, d].to(images.device),
+            head_cfg["blocks"], autocast_dtype=autocast_dtype, **switches)) for start in range(0, len(images), step)])
         total = probs if total is None else total + probs
     return total / noise.shape[1]
 
