@@ -86,14 +86,16 @@ SMOKE = {
 
 
 def merged_config(smoke: bool) -> dict:
-    """config/config.yaml, the quick config and (smoke) the smoke settings, merged as Snakemake does."""
-    from snakemake.utils import update_config
+    """config/config.yaml, the quick config and (smoke) the smoke settings, merged and completed with the
+    schema's defaults as rules/common.smk does."""
+    from snakemake.utils import update_config, validate
 
     config: dict = {}
     for part in (yaml.safe_load((REPO / name).read_text()) for name in ("config/config.yaml", QUICK)):
         update_config(config, part or {})
     if smoke:
         update_config(config, json.loads(json.dumps(SMOKE)))
+    validate(config, str(REPO / "config/schema.yaml"), set_default=True)
     return config
 
 
@@ -122,8 +124,7 @@ def seed_runs(out: Path, seed: int, sizes: tuple, smoke: bool) -> dict[str, Path
     """The results folders of one seed: trained and untrained DDPM (labelled max N, twins of min N), weak data."""
     labelled = {"prepare": {"labelled": max(sizes), "labelled_seed": seed},
                 "train": {"seed": seed, "twins_from": min(sizes)}}
-    untrained = {"prepare": labelled["prepare"], "train": {**labelled["train"], "steps": 1, "ema_decay": 1.0,
-                                                           "warmup_steps": 0, "checkpoint_every": 1}}
+    untrained = {"prepare": labelled["prepare"], "train": {**labelled["train"], "steps": 1, "ema_decay": 1.0}}
     weak = {"prepare": {"labelled": min(sizes), "labelled_seed": seed}}
     return {"trained": snakemake(out, f"seed{seed}/trained", labelled, "models/ddpm.pt", smoke),
             "untrained": snakemake(out, f"seed{seed}/untrained", untrained, "models/ddpm.pt", smoke),
@@ -272,7 +273,7 @@ def run_seed(seed: int, runs: dict[str, Path], everything: Path, config: dict, s
     inference = InferenceSettings.from_config({**config["inference"], "device": "cpu"})
     head = HeadSettings.from_config({**config["features"], "seed": seed})
     unet = BaselineSettings.from_config({**config["baselines"], "seed": seed, "device": "cpu"})
-    augment = config.get("augment") or {}
+    augment = config["augment"]
     calibration = {**config["calibration"], "threshold": inference.threshold}
     work = scorer.out / "work"
     work.mkdir(exist_ok=True)
