@@ -24,6 +24,14 @@ once per rung. Every run is one ``snakemake --cores 2`` at a time (never two tra
 ``--rerun-incomplete``: run the same command again after an interruption and finished rows are skipped by
 Snakemake, an interrupted training resumes from its resume file.
 
+Precision (decided 2026-12-05, before any rung ran): every rung trains and infers with the defaults users run,
+``precision: auto`` = bf16 on this CPU. A bf16-trained DDPM gives DiffSeg's own rows lower scores than an
+fp32-trained one at 32 px (docs/RESULTS.md, seeds 1 and 2: the paper row 0.520 / 0.460 against 0.561 / 0.480,
+the noise difference 0.715 / 0.681 against 0.735 / 0.730), an offset of about 0.03 that the ladder takes to be
+the same on every rung (not measured at 64 px); fp32 training takes 2.4x as long here, which would make the
+ladder about 12 hours. The ladder measures the trend across rungs, and the 32-px rungs reuse the bf16 quick
+benchmark.
+
 Per rung (``<out>/<rung>/record.json``), then for every rung with a record: ``<out>/ladder.csv``,
 ``<out>/ladder.md`` and ``<out>/ladder.png`` (official Dice of each row's final mask against the training
 FLOPs proxy, images seen x parameters x pixels, log x; the paper's 0.864 dashed). Recorded: parameters, steps
