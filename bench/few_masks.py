@@ -53,7 +53,7 @@ from diffseg.evaluate import EvalRow, score_row
 from diffseg.features import FeatureHead, feature_inputs, fit_head, head_probabilities, resolve_blocks, \
     run_teacher_masks, split_inputs
 from diffseg.h5io import read_h5
-from diffseg.inference import image_noise
+from diffseg.seeding import image_noise
 from diffseg.metrics import mask_metrics
 from diffseg.postprocess import calibrated_binary
 from diffseg.runtime import resolve_autocast, resolve_device, resolve_dtype, to_model_range
@@ -278,18 +278,17 @@ def run_seed(seed: int, runs: dict[str, Path], everything: Path, config: dict, s
     work = scorer.out / "work"
     work.mkdir(exist_ok=True)
 
-    def per_n(n) -> tuple[dict, dict]:
-        if n == ALL:
-            return full["train"], full["val"]
-        n_train, n_val = labelled_counts(n)
-        return (subset(splits["train"], labelled_rows(splits["train"], n_train)),
-                subset(splits["val"], labelled_rows(splits["val"], n_val)))
-
     def rows_of(n) -> tuple[np.ndarray, np.ndarray]:
+        """The train and val rows whose masks N = n reads (every row of the every-mask dataset for all)."""
         if n == ALL:
             return np.arange(len(full["train"]["ids"])), np.arange(len(full["val"]["ids"]))
         n_train, n_val = labelled_counts(n)
         return labelled_rows(splits["train"], n_train), labelled_rows(splits["val"], n_val)
+
+    def per_n(n) -> tuple[dict, dict]:
+        """The train and val images and masks of N = n."""
+        source = full if n == ALL else splits
+        return tuple(subset(source[s], rows) for s, rows in zip(("train", "val"), rows_of(n)))
 
     for n in (*sizes, ALL):
         train, val = per_n(n)

@@ -18,7 +18,8 @@ from diffseg.figures import FigureInputs, FigureOutputs, run_figures
 from diffseg.figures_clinician import CASE_SIZE_IN, SUMMARY_SIZE_IN, percentile_of, pick_cases, score_caption
 from diffseg.figures_method import METHOD_SIZE_IN, predict_noise_pair
 from diffseg.imageio import InputError
-from diffseg.inference import image_noise, noise_difference
+from diffseg.inference import noise_difference
+from diffseg.seeding import image_noise
 from diffseg.runtime import to_model_range
 from diffseg.schedule import Schedule
 from diffseg.train import save_checkpoint

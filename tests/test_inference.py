@@ -12,7 +12,8 @@ from torch import nn
 import diffseg
 import diffseg.inference
 from diffseg.imageio import InputError
-from diffseg.inference import draw_noise, noise_difference, paired_forward, run_inference
+from diffseg.inference import noise_difference, paired_forward, run_inference
+from diffseg.seeding import draw_noise
 from diffseg.postprocess import binarize, normalise
 from diffseg.schedule import Schedule, q_sample
 from diffseg.settings import InferenceSettings

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from diffseg.inference import image_noise
+from diffseg.seeding import image_noise
 from diffseg.seeding import content_key, image_generator, image_rng, image_seed
 
 

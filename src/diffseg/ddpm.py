@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from diffseg.data import labelled_counts, labelled_setting, load_split
 from diffseg.imageio import InputError
 from diffseg.runtime import device_generator, resolve_device, to_model_range
 from diffseg.schedule import Schedule
-from diffseg.seeding import content_key, image_generator
+from diffseg.seeding import image_noise
 from diffseg.settings import TrainSettings
 from diffseg.train import CheckpointError, RunFiles, Trainer, load_checkpoint, seeded
 from diffseg.unet import ConditionalUNet, count_parameters
@@ -82,8 +81,7 @@ def val_epsilon_loss(model, schedule: Schedule, images_uint8: np.ndarray, t: int
     for start in range(0, len(images_uint8), batch_images):
         part = images_uint8[start:start + batch_images]
         x0 = to_model_range(part, device)
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=image_generator(seed, content_key(image)))
-                           for image in part]).to(device)
+        eps = image_noise(part, seed, 1)[:, 0].to(device)
         steps = torch.full((len(part),), t, dtype=torch.long, device=device)
         labels = torch.full((len(part),), label, dtype=torch.long, device=device)
         predicted = model(schedule.q_sample(x0, steps, eps), steps, labels).float()

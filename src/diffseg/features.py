@@ -38,10 +38,11 @@ from diffseg.baselines import dice_bce_loss, mean_dice, supervised_train_setting
 from diffseg.data import load_split
 from diffseg.ddpm import load_model
 from diffseg.imageio import InputError
-from diffseg.inference import check_timesteps, file_sha256, image_noise, paired_forward, run_inference
+from diffseg.inference import check_timesteps, file_sha256, paired_forward, run_inference
 from diffseg.h5io import match_rows, read_h5, write_ids
 from diffseg.runtime import resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
+from diffseg.seeding import image_noise
 from diffseg.settings import HeadSettings, InferenceSettings
 from diffseg.train import CheckpointError, EarlyStopping, RunFiles, Trainer, load_checkpoint, seeded
 
@@ -385,7 +386,7 @@ def feature_maps(model, head: FeatureHead, head_cfg: dict, schedule: Schedule, i
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, T, H, W) float32: the head's lesion probability per timestep, averaged over the noise draws.
 
-    ``noise`` is (B, D, 3, H, W), as diffseg.inference.image_noise gives it.
+    ``noise`` is (B, D, 3, H, W), as diffseg.seeding.image_noise gives it.
     """
     switches = {k: head_cfg[k] for k in ("use_features", "use_difference", "use_noise")}
     step = images_per_call(input_channels(model, head_cfg["blocks"], **switches), len(timesteps), *images.shape[2:])

@@ -16,7 +16,8 @@ import torch
 from diffseg.figures_clinician import case_of
 from diffseg.figures_common import FINAL_COLOUR, add_note, colourbar, image_panel, new_figure, outline, save_png
 from diffseg.imageio import InputError
-from diffseg.inference import check_timesteps, image_noise, paired_forward
+from diffseg.inference import check_timesteps, paired_forward
+from diffseg.seeding import image_noise
 from diffseg.runtime import resolve_autocast, resolve_device, to_model_range
 from diffseg.schedule import Schedule
 from diffseg.settings import InferenceSettings

@@ -35,7 +35,7 @@ from diffseg.postprocess import postprocess_image
 from diffseg.runtime import (autocast, name_the_setting_on_oom, resolve_autocast, resolve_device, resolved_runtime,
                              to_model_range, uses_channels_last)
 from diffseg.schedule import Schedule
-from diffseg.seeding import content_key, image_generator
+from diffseg.seeding import image_noise
 from diffseg.settings import InferenceSettings
 from diffseg.shards import shard_indices
 
@@ -43,19 +43,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the model passes
-
-
-def draw_noise(keys: Sequence[str], seed: int, noise_draws: int, shape: Sequence[int]) -> torch.Tensor:
-    """(B, D, *shape) standard normal noise; row i's draws come from image_generator(seed, keys[i])."""
-    return torch.stack(
-        [torch.randn((noise_draws, *shape), generator=image_generator(seed, key)) for key in keys]
-    )
-
-
-def image_noise(images_uint8: np.ndarray, seed: int, noise_draws: int) -> torch.Tensor:
-    """(B, D, 3, H, W) noise of uint8 images (B, H, W, 3), each image's keyed by its content (not its name)."""
-    keys = [content_key(image) for image in images_uint8]
-    return draw_noise(keys, seed, noise_draws, (3, *images_uint8.shape[1:3]))
 
 
 def _check_noise(images: torch.Tensor, noise: torch.Tensor) -> tuple[int, ...]:

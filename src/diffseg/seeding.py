@@ -9,6 +9,7 @@ id) or the key is not an image (a training step) is a plain string the key.
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,3 +35,16 @@ def image_rng(seed: int, key: str) -> np.random.Generator:
 
 def image_generator(seed: int, key: str) -> torch.Generator:
     return torch.Generator().manual_seed(image_seed(seed, key))
+
+
+def draw_noise(keys: Sequence[str], seed: int, noise_draws: int, shape: Sequence[int]) -> torch.Tensor:
+    """(B, D, *shape) standard normal noise; row i's draws come from image_generator(seed, keys[i])."""
+    return torch.stack(
+        [torch.randn((noise_draws, *shape), generator=image_generator(seed, key)) for key in keys]
+    )
+
+
+def image_noise(images_uint8: np.ndarray, seed: int, noise_draws: int) -> torch.Tensor:
+    """(B, D, 3, H, W) noise of uint8 images (B, H, W, 3), each image's keyed by its content (not its name)."""
+    keys = [content_key(image) for image in images_uint8]
+    return draw_noise(keys, seed, noise_draws, (3, *images_uint8.shape[1:3]))
