@@ -45,6 +45,8 @@ import pandas as pd
 import torch
 import yaml
 
+from scale_ladder import merged_config  # bench/ is on sys.path when this script runs
+
 from diffseg.baselines import fit_unet, load_baseline, otsu_channel, otsu_masks, predict_masks
 from diffseg.calibration import fit_calibration
 from diffseg.data import labelled_counts, load_split, truth_mask_files
@@ -85,16 +87,12 @@ SMOKE = {
 # ----------------------------------------------------------------------------- the Snakemake part
 
 
-def merged_config(smoke: bool) -> dict:
-    """config/config.yaml, the quick config and (smoke) the smoke settings, merged and completed with the
-    schema's defaults as rules/common.smk does."""
-    from snakemake.utils import update_config, validate
+def quick_config(smoke: bool) -> dict:
+    """The quick config (and the smoke settings) merged as Snakemake does and completed with the schema's
+    defaults as rules/common.smk does."""
+    from snakemake.utils import validate
 
-    config: dict = {}
-    for part in (yaml.safe_load((REPO / name).read_text()) for name in ("config/config.yaml", QUICK)):
-        update_config(config, part or {})
-    if smoke:
-        update_config(config, json.loads(json.dumps(SMOKE)))
+    config = merged_config(QUICK, SMOKE if smoke else None)
     validate(config, str(REPO / "config/schema.yaml"), set_default=True)
     return config
 
@@ -415,7 +413,7 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     sizes = SMOKE_SIZES if args.smoke else SIZES
-    config = merged_config(args.smoke)
+    config = quick_config(args.smoke)
     everything = snakemake(out, "all_masks", {}, "data/dataset.h5", args.smoke)
     data_dir = everything / "demo_data" if args.smoke else (REPO / config["data_dir"]).resolve()
     test = load_split(everything / "data" / "dataset.h5", "test")

@@ -327,13 +327,19 @@ def check_reusable(quick: Path, base: dict) -> None:
 
 def resolved_base(rung: Rung, smoke: bool) -> dict:
     """config/config.yaml, the rung's base config and, with --smoke, the smoke settings, merged as Snakemake does."""
+    return merged_config(rung.base, SMOKE if smoke else None)
+
+
+def merged_config(base: str, extra: dict | None = None) -> dict:
+    """config/config.yaml, then ``base`` (a config file of the repository), then ``extra``, merged as Snakemake
+    merges its config files (bench/few_masks.py uses it too)."""
     from snakemake.utils import update_config
 
     config: dict = {}
-    for part in (yaml.safe_load((REPO / name).read_text()) for name in ("config/config.yaml", rung.base)):
+    for part in (yaml.safe_load((REPO / name).read_text()) for name in ("config/config.yaml", base)):
         update_config(config, part or {})
-    if smoke:
-        update_config(config, json.loads(json.dumps(SMOKE)))
+    if extra:
+        update_config(config, json.loads(json.dumps(extra)))  # a deep copy: update_config keeps references
     return config
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # few_masks imports scale_ladder, as when it runs
 spec = importlib.util.spec_from_file_location("few_masks", REPO / "bench" / "few_masks.py")
 few = importlib.util.module_from_spec(spec)
 sys.modules["few_masks"] = few
