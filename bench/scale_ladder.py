@@ -33,8 +33,10 @@ ladder about 12 hours. The ladder measures the trend across rungs, and the 32-px
 benchmark.
 
 Per rung (``<out>/<rung>/record.json``), then for every rung with a record: ``<out>/ladder.csv``,
-``<out>/ladder.md`` and ``<out>/ladder.png`` (official Dice of each row's final mask against the training
-FLOPs proxy, images seen x parameters x pixels, log x; the paper's 0.864 dashed). Recorded: parameters, steps
+``<out>/ladder.md``, ``<out>/ladder_trend.csv`` and ``<out>/ladder.png`` (official Dice of each row's final mask
+against the training FLOPs proxy, images seen x parameters x pixels, log x; the paper's 0.864 dashed). The trend:
+per row a least-squares line of Dice against log2 of the proxy through the trained rungs, its slope (Dice per
+doubling) and its value at config/isic2018.yaml's proxy, labelled as the extrapolation it is. Recorded: parameters, steps
 and images seen, the proxy, the wall time of train_ddpm (its benchmark TSV), the last logged training loss,
 the DDPM's epsilon loss on the val images under the lesion label at t = 100
 (diffseg.ddpm.val_epsilon_loss), every row's official Dice (best single t, mean of outputs, final) and the
@@ -62,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -71,6 +74,7 @@ from diffseg.evaluate import (BASELINE_NAMES, BEST_T_METHOD, FINAL_METHOD, MEAN_
 REPO = Path(__file__).resolve().parents[1]
 QUICK = "config/isic2018_quick.yaml"
 MEDIUM = "config/isic2018_medium.yaml"
+TARGET = "config/isic2018.yaml"  # the 128-px GPU config the trend is extrapolated to (never run: no GPU so far)
 PAPER_DICE = PUBLISHED["DiffSeg"][0]  # the paper's Table 1 Dice of DiffSeg on ISIC 2018: 0.864
 VAL_LOSS_T = 100
 STAGES = {"best_t": BEST_T_METHOD, "mean": MEAN_METHOD, "final": FINAL_METHOD}
@@ -208,11 +212,57 @@ def draw_ladder(table: pd.DataFrame, png: Path) -> dict[str, tuple[list[float], 
     return drawn
 
 
+def config_proxy(config: dict) -> tuple[int, float]:
+    """(DDPM parameters, training FLOPs proxy) of a resolved config: steps x batch x parameters x pixels."""
+    from diffseg.ddpm import build_model
+    from diffseg.unet import count_parameters
+
+    resolution = int(config["prepare"]["resolution"])
+    parameters = count_parameters(build_model(config["model"], resolution))
+    images_seen = int(config["train"]["steps"]) * int(config["train"]["batch_size"])
+    return parameters, flops_proxy(images_seen, parameters, resolution)
+
+
+def ladder_trend(table: pd.DataFrame, target_proxy: float) -> pd.DataFrame:
+    """Per line of the figure with at least 2 trained rungs: the least-squares line Dice = a + b log2(proxy)
+    through the trained rungs (the control at initialisation left out: it learned nothing), ``per_doubling``
+    = b (Dice per doubling of training compute) and ``at_target`` = the line at ``target_proxy``, clipped to
+    [0, 1]: an EXTRAPOLATION ``doublings_beyond`` doublings past the largest rung."""
+    trained = table[table["train_steps"] > 1]
+    rows = []
+    for key, label in LINES.items():
+        if key not in trained:
+            continue
+        points = trained[["flops_proxy", key]].dropna()
+        if len(points) < 2:
+            continue
+        x = np.log2(points["flops_proxy"].to_numpy(float))
+        slope, intercept = np.polyfit(x, points[key].to_numpy(float), 1)
+        target = np.log2(target_proxy)
+        rows.append({"line": label, "rungs": len(points), "per_doubling": float(slope),
+                     "at_target": float(np.clip(intercept + slope * target, 0.0, 1.0)),
+                     "doublings_beyond": float(target - x.max())})
+    return pd.DataFrame(rows, columns=["line", "rungs", "per_doubling", "at_target", "doublings_beyond"])
+
+
+def trend_markdown(trend: pd.DataFrame, target: str, target_proxy: float) -> str:
+    """The trend as a markdown table, its extrapolation column named for what it is."""
+    lines = [f"| row | trained rungs | Dice per doubling of the FLOPs proxy | EXTRAPOLATED to {target} "
+             f"(proxy {target_proxy:.3g}) | doublings beyond the largest rung |", "|---|---|---|---|---|"]
+    lines += [f"| {r.line} | {r.rungs} | {r.per_doubling:+.4f} | {r.at_target:.3f} | {r.doublings_beyond:.1f} |"
+              for r in trend.itertuples()]
+    return "\n".join(lines) + "\n"
+
+
 def write_ladder(out: Path, records: list[dict]) -> pd.DataFrame:
-    """ladder.csv, ladder.md and ladder.png in ``out`` from the rung records."""
+    """ladder.csv, ladder.md (the table, then the trend extrapolated to TARGET), ladder_trend.csv and
+    ladder.png in ``out`` from the rung records."""
     table = ladder_table(records)
     table.to_csv(out / "ladder.csv", index=False)
-    (out / "ladder.md").write_text(ladder_markdown(table))
+    _, target_proxy = config_proxy(merged_config(TARGET))
+    trend = ladder_trend(table, target_proxy)
+    trend.to_csv(out / "ladder_trend.csv", index=False)
+    (out / "ladder.md").write_text(ladder_markdown(table) + "\n" + trend_markdown(trend, TARGET, target_proxy))
     draw_ladder(table, out / "ladder.png")
     return table
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -81,7 +82,10 @@ def test_write_ladder_writes_csv_markdown_and_figure(tmp_path):
     ladder.write_ladder(tmp_path, RECORDS)
     csv = pd.read_csv(tmp_path / "ladder.csv")
     assert csv["rung"].tolist()[0] == "r32_init" and "flops_proxy" in csv
-    assert (tmp_path / "ladder.md").read_text().startswith("| rung |")
+    text = (tmp_path / "ladder.md").read_text()
+    assert text.startswith("| rung |") and "EXTRAPOLATED to config/isic2018.yaml" in text
+    trend = pd.read_csv(tmp_path / "ladder_trend.csv")
+    assert "the paper as written" in trend["line"].tolist() and (trend["rungs"] == 4).sum() == 5
     assert (tmp_path / "ladder.png").is_file()
 
 
@@ -180,3 +184,31 @@ def test_smoke_rung_runs_every_row_and_writes_the_ladder(tmp_path):
         assert 0 <= row[key] <= 1, key
     assert abs(row["val_eps_loss"] - 1) < 0.1  # the DDPM at initialisation predicts zeros: mean(eps^2)
     assert (tmp_path / "ladder.png").is_file() and (tmp_path / "r32_init" / "rung.yaml").is_file()
+
+
+def test_trend_fits_dice_per_doubling_through_the_trained_rungs_and_extrapolates_clipped():
+    table = ladder.ladder_table(RECORDS)
+    log2 = np.log2(table.set_index("rung")["flops_proxy"])
+    trend = ladder.ladder_trend(table, target_proxy=2.0 ** 60).set_index("line")
+    # the features line through (log2 proxy, Dice) of r32, r32_wide, r64_half, r64 (r32_init left out)
+    x = log2[["r32", "r32_wide", "r64_half", "r64"]].to_numpy()
+    y = [0.90, 0.905, 0.89, 0.91]
+    slope = ((x - x.mean()) * (np.array(y) - np.mean(y))).sum() / ((x - x.mean()) ** 2).sum()
+    row = trend.loc["features (the default)"]
+    assert row["rungs"] == 4 and row["per_doubling"] == pytest.approx(slope)
+    assert row["doublings_beyond"] == pytest.approx(60 - log2.max())
+    assert trend.loc["features, head on DiffSeg's own masks", "rungs"] == 2  # r32 and r32_wide
+    assert trend.loc["U-Net (supervised)", "per_doubling"] == pytest.approx(0.0, abs=1e-12)
+    # a line rising by 0.1 per doubling runs past 1 within 20 doublings: clipped, never above a Dice of 1
+    steep = [record("a", 32, 1_000_000, 1000, 0.5), record("b", 32, 1_000_000, 2000, 0.6)]
+    at = ladder.ladder_trend(ladder.ladder_table(steep), 2.0 ** 80).set_index("line")
+    assert at.loc["features (the default)", "per_doubling"] == pytest.approx(0.1)
+    assert at.loc["features (the default)", "at_target"] == 1.0
+    assert ladder.ladder_trend(ladder.ladder_table(steep[:1]), 2.0 ** 80).empty  # one rung: no line
+
+
+def test_config_proxy_counts_the_128px_config():
+    parameters, proxy = ladder.config_proxy(ladder.merged_config(ladder.TARGET))
+    base = ladder.merged_config(ladder.TARGET)
+    assert base["prepare"]["resolution"] == 128 and parameters > 5_000_000
+    assert proxy == base["train"]["steps"] * base["train"]["batch_size"] * parameters * 128 ** 2
