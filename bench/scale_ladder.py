@@ -89,6 +89,13 @@ LINES = {"default final": "features (the default)", "paper final": "the paper as
          "noise_difference final": "noise difference (eq. 2, calibrated)",
          "features_weak final": "features, head on DiffSeg's own masks", "unet": "U-Net (supervised)",
          "otsu": "Otsu"}
+# the trend's lines: the figure's, and the paper row's mean of outputs (before the CRF, which adds spread)
+TREND_LINES = {**LINES, "paper mean": "the paper as written, mean of its 10 outputs (no CRF)"}
+# Each rung is one training seed, so each point carries a training's spread: the quick benchmark's 3-seed sd of
+# each row's official Dice (docs/RESULTS.md, "Default changes re-measured", commit b5979b3, 2026-12-05; Otsu
+# needs no training; the weak head's 3-seed spread was not measured at bf16)
+SEED_SD = {"default final": 0.003, "paper final": 0.051, "paper mean": 0.031, "noise_difference final": 0.022,
+           "unet": 0.003, "otsu": 0.0}
 # --smoke: 16 synthetic images and a few steps of everything (every rung keeps its resolution and model)
 SMOKE = {
     "data_dir": None,
@@ -224,13 +231,16 @@ def config_proxy(config: dict) -> tuple[int, float]:
 
 
 def ladder_trend(table: pd.DataFrame, target_proxy: float) -> pd.DataFrame:
-    """Per line of the figure with at least 2 trained rungs: the least-squares line Dice = a + b log2(proxy)
-    through the trained rungs (the control at initialisation left out: it learned nothing), ``per_doubling``
-    = b (Dice per doubling of training compute) and ``at_target`` = the line at ``target_proxy``, clipped to
-    [0, 1]: an EXTRAPOLATION ``doublings_beyond`` doublings past the largest rung."""
+    """Per trend line with at least 2 trained rungs: the least-squares line Dice = a + b log2(proxy) through
+    the trained rungs (the control at initialisation left out: it learned nothing), ``per_doubling`` = b (Dice
+    per doubling of training compute) and ``at_target`` = the line at ``target_proxy``, clipped to [0, 1]: an
+    EXTRAPOLATION ``doublings_beyond`` doublings past the largest rung. With the row's seed sd (SEED_SD), the
+    standard errors that one-seed points give: ``per_doubling_se`` = sd / sqrt(Sxx) and ``at_target_se`` =
+    sd sqrt(1/n + (x_target - mean x)^2 / Sxx); NaN where the sd is not known."""
     trained = table[table["train_steps"] > 1]
+    target = float(np.log2(target_proxy))
     rows = []
-    for key, label in LINES.items():
+    for key, label in TREND_LINES.items():
         if key not in trained:
             continue
         points = trained[["flops_proxy", key]].dropna()
@@ -238,20 +248,28 @@ def ladder_trend(table: pd.DataFrame, target_proxy: float) -> pd.DataFrame:
             continue
         x = np.log2(points["flops_proxy"].to_numpy(float))
         slope, intercept = np.polyfit(x, points[key].to_numpy(float), 1)
-        target = np.log2(target_proxy)
+        sxx = float(((x - x.mean()) ** 2).sum())
+        sd = SEED_SD.get(key, float("nan"))
         rows.append({"line": label, "rungs": len(points), "per_doubling": float(slope),
+                     "per_doubling_se": sd / np.sqrt(sxx),
                      "at_target": float(np.clip(intercept + slope * target, 0.0, 1.0)),
-                     "doublings_beyond": float(target - x.max())})
-    return pd.DataFrame(rows, columns=["line", "rungs", "per_doubling", "at_target", "doublings_beyond"])
+                     "at_target_se": sd * float(np.sqrt(1 / len(x) + (target - x.mean()) ** 2 / sxx)),
+                     "doublings_beyond": target - float(x.max())})
+    return pd.DataFrame(rows, columns=["line", "rungs", "per_doubling", "per_doubling_se", "at_target",
+                                       "at_target_se", "doublings_beyond"])
 
 
 def trend_markdown(trend: pd.DataFrame, target: str, target_proxy: float) -> str:
-    """The trend as a markdown table, its extrapolation column named for what it is."""
+    """The trend as a markdown table, its extrapolation column named for what it is (+- one standard error)."""
     lines = [f"| row | trained rungs | Dice per doubling of the FLOPs proxy | EXTRAPOLATED to {target} "
              f"(proxy {target_proxy:.3g}) | doublings beyond the largest rung |", "|---|---|---|---|---|"]
-    lines += [f"| {r.line} | {r.rungs} | {r.per_doubling:+.4f} | {r.at_target:.3f} | {r.doublings_beyond:.1f} |"
-              for r in trend.itertuples()]
+    lines += [f"| {r.line} | {r.rungs} | {r.per_doubling:+.4f}{_se(r.per_doubling_se, '.4f')} | "
+              f"{r.at_target:.3f}{_se(r.at_target_se, '.2f')} | {r.doublings_beyond:.1f} |" for r in trend.itertuples()]
     return "\n".join(lines) + "\n"
+
+
+def _se(value: float, fmt: str) -> str:
+    return "" if pd.isna(value) else f" +- {value:{fmt}}"
 
 
 def write_ladder(out: Path, records: list[dict]) -> pd.DataFrame:

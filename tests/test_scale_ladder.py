@@ -22,7 +22,7 @@ def record(rung, resolution, parameters, steps, dice, weak=None, batch=32):
     """A synthetic rung record: every DiffSeg row's final Dice offset from ``dice``."""
     out = {"rung": rung, "resolution": resolution, "parameters": parameters, "train_steps": steps,
            "batch_size": batch, "train_seconds": 10.0 * steps, "final_train_loss": 0.05, "val_eps_loss": 0.1,
-           "default final": dice, "paper final": dice - 0.3, "noise_difference final": dice - 0.15,
+           "default final": dice, "paper final": dice - 0.3, "paper mean": dice - 0.28, "noise_difference final": dice - 0.15,
            "unet": 0.91, "otsu": 0.748, "paper_ged": 0.2}
     if weak is not None:
         out["features_weak final"] = weak
@@ -85,7 +85,8 @@ def test_write_ladder_writes_csv_markdown_and_figure(tmp_path):
     text = (tmp_path / "ladder.md").read_text()
     assert text.startswith("| rung |") and "EXTRAPOLATED to config/isic2018.yaml" in text
     trend = pd.read_csv(tmp_path / "ladder_trend.csv")
-    assert "the paper as written" in trend["line"].tolist() and (trend["rungs"] == 4).sum() == 5
+    assert "the paper as written" in trend["line"].tolist() and (trend["rungs"] == 4).sum() == 6
+    assert " +- " in text.split("EXTRAPOLATED")[1] and "head on DiffSeg's own masks | 2 | +0.0" in text
     assert (tmp_path / "ladder.png").is_file()
 
 
@@ -197,7 +198,12 @@ def test_trend_fits_dice_per_doubling_through_the_trained_rungs_and_extrapolates
     row = trend.loc["features (the default)"]
     assert row["rungs"] == 4 and row["per_doubling"] == pytest.approx(slope)
     assert row["doublings_beyond"] == pytest.approx(60 - log2.max())
-    assert trend.loc["features, head on DiffSeg's own masks", "rungs"] == 2  # r32 and r32_wide
+    sxx = ((x - x.mean()) ** 2).sum()
+    assert row["per_doubling_se"] == pytest.approx(0.003 / np.sqrt(sxx))  # the default's seed sd, one seed per rung
+    assert row["at_target_se"] == pytest.approx(0.003 * np.sqrt(1 / 4 + (60 - x.mean()) ** 2 / sxx))
+    assert trend.loc["the paper as written, mean of its 10 outputs (no CRF)", "rungs"] == 4  # "paper mean" keys
+    weak = trend.loc["features, head on DiffSeg's own masks"]
+    assert weak["rungs"] == 2 and np.isnan(weak["at_target_se"])  # r32 and r32_wide; no seed sd known
     assert trend.loc["U-Net (supervised)", "per_doubling"] == pytest.approx(0.0, abs=1e-12)
     # a line rising by 0.1 per doubling runs past 1 within 20 doublings: clipped, never above a Dice of 1
     steep = [record("a", 32, 1_000_000, 1000, 0.5), record("b", 32, 1_000_000, 2000, 0.6)]
