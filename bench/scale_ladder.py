@@ -42,10 +42,9 @@ the DDPM's epsilon loss on the val images under the lesion label at t = 100
 (diffseg.ddpm.val_epsilon_loss), every row's official Dice (best single t, mean of outputs, final) and the
 paper path's mean GED.
 
-Estimated wall time on the quiet 2-core CPU (not yet measured: the quick chain's rule times of 2026-12-05,
-train_ddpm 534 s, scaled by the forward FLOPs, 4.0x for r32_wide and 9.0x at 64 px): r32_init ~15 min, r32
-~25 min (~15 with --reuse-quick), r32_wide ~70 min (training ~35), r64_half ~75 min (training ~32), r64
-~110 min (training ~64): about 5 hours. ``--smoke``: every rung on 16 synthetic demo images with a few steps
+Measured wall time on the quiet 2-core CPU (2026-12-05, docs/RESULTS.md "Scale ladder"): r32_init 9 min, r32
+18 min, r64 55 min (training 35), r64_half 38 min (training 17), r32_wide 34 min (training 19): about 2.5 hours.
+``--smoke``: every rung on 16 synthetic demo images with a few steps
 (a check of the script, a few minutes per rung; its numbers mean nothing).
 
     PYTHONPATH=src nice -n 10 .venv/bin/python bench/scale_ladder.py --out /work/runs/ladder \\
